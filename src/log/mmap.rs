@@ -1,0 +1,259 @@
+//! A segment file mapped into memory: the one module with `unsafe`.
+//!
+//! ```text
+//!  0                      published               cursor            capacity
+//!  +----------------------+-----------------------+-----------------+
+//!  | immutable, readable  | being written by the  | unwritten       |
+//!  | by any thread        | one MapWriter         | (zeros)         |
+//!  +----------------------+-----------------------+-----------------+
+//! ```
+//!
+//! The invariant every `unsafe` block below leans on: **bytes below
+//! `published` are never written again, and the mapping is never unmapped,
+//! remapped or shrunk below `published` while a reader can reach it.**
+//! - Only a [`MapWriter`] writes, there is at most one per map (it is created
+//!   with the map and is not `Clone`), and it only writes at or beyond
+//!   `published`, which it alone advances.
+//! - Readers get slices of `[0, published)` borrowed from an `Arc` of the map,
+//!   or `Bytes` that own such an `Arc`, so the mapping outlives them.
+//! - Sealing truncates the file to exactly `published` bytes; nothing reads or
+//!   writes beyond that afterwards, so no access can touch a page past EOF.
+//! - Another bida process cannot open the directory (the log holds an
+//!   exclusive lock on it). Other programs writing the files under a live log
+//!   are outside what any mmap-based store can defend against.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+
+/// A mapped segment file.
+pub(crate) struct SegmentMap {
+    /// `None` for a zero-length file, which cannot be mapped.
+    raw: Option<MmapRaw>,
+    capacity: usize,
+    /// End of the immutable, readable prefix. Advanced with `Release` by the
+    /// writer after the bytes are in place; read with `Acquire`.
+    published: AtomicUsize,
+}
+
+/// The single writer of a [`SegmentMap`].
+pub(crate) struct MapWriter {
+    map: Arc<SegmentMap>,
+    cursor: usize,
+}
+
+impl SegmentMap {
+    /// Maps `file` read-write for appending; `published` bytes are already
+    /// valid, and the returned writer continues after them.
+    pub(crate) fn open_append(
+        file: &File,
+        capacity: usize,
+        published: usize,
+    ) -> io::Result<(Arc<SegmentMap>, MapWriter)> {
+        assert!(published <= capacity, "published beyond capacity");
+        let raw = if capacity == 0 {
+            None
+        } else {
+            Some(MmapOptions::new().len(capacity).map_raw(file)?)
+        };
+        let map = Arc::new(SegmentMap {
+            raw,
+            capacity,
+            published: AtomicUsize::new(published),
+        });
+        let writer = MapWriter {
+            map: Arc::clone(&map),
+            cursor: published,
+        };
+        Ok((map, writer))
+    }
+
+    /// Maps a sealed segment read-only; all `len` bytes are published.
+    pub(crate) fn open_sealed(file: &File, len: usize) -> io::Result<Arc<SegmentMap>> {
+        let raw = if len == 0 {
+            None
+        } else {
+            Some(MmapOptions::new().len(len).map_raw_read_only(file)?)
+        };
+        Ok(Arc::new(SegmentMap {
+            raw,
+            capacity: len,
+            published: AtomicUsize::new(len),
+        }))
+    }
+
+    pub(crate) fn published(&self) -> usize {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The immutable prefix `[0, published)`.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let len = self.published();
+        match &self.raw {
+            None => &[],
+            // SAFETY: `[0, len)` lies inside the mapping (`published <=
+            // capacity`), is never written again once published (the module
+            // invariant), and the mapping lives as long as `&self`.
+            Some(raw) => unsafe { std::slice::from_raw_parts(raw.as_ptr(), len) },
+        }
+    }
+
+    /// A zero-copy view of `range` of the immutable prefix, keeping the map
+    /// alive for as long as the view lives.
+    pub(crate) fn view(self: &Arc<Self>, range: Range<usize>) -> Option<Bytes> {
+        if range.start > range.end || range.end > self.published() {
+            return None;
+        }
+        Some(Bytes::from_owner(MapView {
+            map: Arc::clone(self),
+            range,
+        }))
+    }
+
+    /// Makes `range` durable (msync with `MS_SYNC`).
+    pub(crate) fn flush_range(&self, range: Range<usize>) -> io::Result<()> {
+        match &self.raw {
+            Some(raw) if range.start < range.end => raw.flush_range(range.start, range.end - range.start),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops this process's page mappings for `range`, so the kernel can
+    /// reclaim the (already durable) pages; the file keeps the bytes and a
+    /// later read faults them back in.
+    pub(crate) fn release_pages(&self, range: Range<usize>) -> io::Result<()> {
+        let Some(raw) = &self.raw else { return Ok(()) };
+        if range.start >= range.end || range.end > self.published() {
+            return Ok(());
+        }
+        // SAFETY: MADV_DONTNEED on a shared file mapping only drops page
+        // table entries; the contents stay in the page cache or the file, so
+        // every live slice keeps reading the same bytes. The range is inside
+        // the published, already flushed prefix.
+        unsafe { raw.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.end - range.start) }
+    }
+}
+
+/// The owner behind a `Bytes` view of a map.
+struct MapView {
+    map: Arc<SegmentMap>,
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for MapView {
+    fn as_ref(&self) -> &[u8] {
+        // `view` checked the range against `published`, which only grows.
+        &self.map.bytes()[self.range.clone()]
+    }
+}
+
+impl MapWriter {
+    /// Where the next byte goes.
+    pub(crate) fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.map.capacity - self.cursor
+    }
+
+    /// Copies `src` at the cursor and advances it. The caller checks room
+    /// first; running past the end is a bug, so it panics.
+    pub(crate) fn write(&mut self, src: &[u8]) {
+        let at = self.cursor;
+        self.write_at(at, src);
+        self.cursor += src.len();
+    }
+
+    /// Writes zeros over `[cursor, end)` without moving the cursor: recovery
+    /// clears a torn tail so later scans stop where appends resume.
+    pub(crate) fn zero_to(&mut self, end: usize) {
+        let end = end.min(self.map.capacity);
+        let mut at = self.cursor;
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while at < end {
+            let n = (end - at).min(ZEROS.len());
+            self.write_at(at, &ZEROS[..n]);
+            at += n;
+        }
+    }
+
+    /// Makes everything written so far readable.
+    pub(crate) fn publish(&mut self) {
+        self.map.published.store(self.cursor, Ordering::Release);
+    }
+
+    fn write_at(&mut self, at: usize, src: &[u8]) {
+        let published = self.map.published.load(Ordering::Relaxed);
+        assert!(at >= published, "write below the published prefix");
+        assert!(
+            at + src.len() <= self.map.capacity,
+            "write past the end of the segment"
+        );
+        let Some(raw) = &self.map.raw else {
+            assert!(src.is_empty(), "write into an empty map");
+            return;
+        };
+        // SAFETY: `[at, at + len)` is inside the mapping (checked above) and
+        // at or beyond `published`, so no reader holds a slice of it; this
+        // writer is the only one (`&mut self`, one writer per map), so no
+        // other write races with this copy. `src` cannot overlap the target:
+        // callers never hand out slices of the unpublished region.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), raw.as_mut_ptr().add(at), src.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_see_only_published_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("m"))
+            .unwrap();
+        file.set_len(4096).unwrap();
+        let (map, mut writer) = SegmentMap::open_append(&file, 4096, 0).unwrap();
+        writer.write(b"hello");
+        assert_eq!(map.bytes(), b"");
+        assert!(map.view(0..5).is_none());
+        writer.publish();
+        assert_eq!(map.bytes(), b"hello");
+        let view = map.view(1..4).unwrap();
+        drop(writer);
+        drop(map);
+        assert_eq!(&view[..], b"ell", "a view keeps the mapping alive");
+    }
+
+    #[test]
+    #[should_panic(expected = "past the end of the segment")]
+    fn writes_cannot_run_past_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("m"))
+            .unwrap();
+        file.set_len(4096).unwrap();
+        let (_map, mut writer) = SegmentMap::open_append(&file, 4096, 4090).unwrap();
+        writer.write(b"0123456789");
+    }
+}

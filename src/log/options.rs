@@ -1,0 +1,212 @@
+//! Every knob of the storage engine, in one place, with its default.
+
+use super::error::{Result, StorageError};
+use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
+
+/// When an append counts as done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushMode {
+    /// An append is acknowledged only once its bytes are on disk. Concurrent
+    /// appenders share flushes (group commit): while one flush is in flight,
+    /// the next group keeps filling and is flushed by the next one.
+    Sync,
+    /// An append is acknowledged at once; a background thread makes data
+    /// durable at least every `interval_ms` or every `bytes` appended bytes,
+    /// whichever comes first. A crash loses at most that window.
+    Async { interval_ms: u64, bytes: u64 },
+}
+
+/// What `open` does when the bytes on disk are not all valid records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Truncate an invalid tail of the last segment that no valid record
+    /// follows and that lies past the durable checkpoint (a write torn by a
+    /// crash), logging how many bytes went. Anything else invalid fails open
+    /// with the file and byte position.
+    TolerateTornTail,
+    /// Fail open on any invalid byte, a torn tail included.
+    AbsoluteConsistency,
+    /// Cut the log at the first invalid record, wherever it is, dropping
+    /// everything after it (later segments too), and log exactly what was
+    /// dropped. For an operator who has decided the rest is lost.
+    Repair,
+}
+
+/// Deletion of whole sealed segments; the active segment is never deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete the oldest sealed segments while the log is larger than this.
+    /// Default: `None` (no size limit).
+    pub bytes_max: Option<u64>,
+    /// Delete sealed segments whose newest record is older than this.
+    /// Default: 7 days.
+    pub age_ms_max: Option<u64>,
+}
+
+/// The window of inner-msg-ids remembered for deduplication. An id is
+/// recognised while its record is among the last `records_max` offsets and
+/// was appended less than `age_ms_max` ago (age is tracked per block of
+/// 1024 offsets, so an id may be remembered up to one block longer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupWindow {
+    /// Default: 10,000,000 records. Zero turns deduplication off.
+    pub records_max: u64,
+    /// Default: 10 minutes.
+    pub age_ms_max: u64,
+}
+
+/// Options of one log. Construct with `Options::default()` and change fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Default: `FlushMode::Sync`.
+    pub flush: FlushMode,
+    /// Size each segment file is preallocated to; a segment rolls when the
+    /// next record does not fit. Default: 1 GiB. Range: 64 KiB ..= 4 GiB - 1.
+    pub segment_bytes: u64,
+    /// A segment also rolls once its first record is this old (checked on
+    /// append). Default: 7 days.
+    pub segment_age_ms: u64,
+    /// Largest record accepted, header included. Default: 1 MiB.
+    pub record_bytes_max: u32,
+    /// Bytes between two entries of the sparse offset and time indexes.
+    /// Default: 4 KiB.
+    pub index_interval_bytes: u32,
+    /// Default: no size limit, 7 days of age.
+    pub retention: Retention,
+    /// Default: 10 M records or 10 minutes.
+    pub dedup: DedupWindow,
+    /// Default: `RecoveryMode::TolerateTornTail`.
+    pub recovery: RecoveryMode,
+    /// How often the background thread records the durable position in the
+    /// checkpoint file. Damage before the checkpoint is never taken for a torn
+    /// tail. Zero: only at close. Default: 1000 ms.
+    pub checkpoint_interval_ms: u64,
+    /// Flushed data further than this behind the end of the active segment
+    /// is dropped from this process's mappings so the page cache cannot grow
+    /// without bound (it slows writes badly on some machines). `None` keeps
+    /// everything mapped. Default: 64 MiB.
+    pub page_cache_hot_bytes: Option<u64>,
+    /// Verify every record checksum of sealed segments at open (slow for
+    /// large logs; reads verify checksums anyway). Default: false.
+    pub verify_sealed_on_open: bool,
+    /// How often the background thread applies retention. Default: 10 s.
+    pub retention_check_interval_ms: u64,
+}
+
+/// The smallest segment accepted.
+pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// Segment positions are stored as `u32`.
+pub const SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
+/// Offsets in the dedup table are stored in 31 bits.
+pub const DEDUP_RECORDS_MAX: u64 = (1 << 31) - 1;
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            flush: FlushMode::Sync,
+            segment_bytes: 1 << 30,
+            segment_age_ms: 7 * DAY_MS,
+            record_bytes_max: 1 << 20,
+            index_interval_bytes: 4096,
+            retention: Retention {
+                bytes_max: None,
+                age_ms_max: Some(7 * DAY_MS),
+            },
+            dedup: DedupWindow {
+                records_max: 10_000_000,
+                age_ms_max: 10 * 60 * 1000,
+            },
+            recovery: RecoveryMode::TolerateTornTail,
+            checkpoint_interval_ms: 1000,
+            page_cache_hot_bytes: Some(64 << 20),
+            verify_sealed_on_open: false,
+            retention_check_interval_ms: 10_000,
+        }
+    }
+}
+
+impl Options {
+    /// Rejects values that cannot work together, saying which and why.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(StorageError::InvalidOptions(msg));
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return bad(format!(
+                "segment_bytes {} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                self.segment_bytes
+            ));
+        }
+        let record_max = self.record_bytes_max as u64;
+        if record_max < RECORD_HEADER_LEN as u64 || record_max > RECORD_BYTES_MAX as u64 {
+            return bad(format!(
+                "record_bytes_max {record_max} is outside {RECORD_HEADER_LEN}..={RECORD_BYTES_MAX}"
+            ));
+        }
+        if record_max > self.segment_bytes {
+            return bad(format!(
+                "record_bytes_max {record_max} does not fit in segment_bytes {}",
+                self.segment_bytes
+            ));
+        }
+        if self.index_interval_bytes == 0 {
+            return bad("index_interval_bytes must be positive".into());
+        }
+        if self.segment_age_ms == 0 {
+            return bad("segment_age_ms must be positive".into());
+        }
+        if let FlushMode::Async { interval_ms, bytes } = self.flush {
+            if interval_ms == 0 || bytes == 0 {
+                return bad(format!(
+                    "async flush needs a positive interval and byte threshold, got {interval_ms} ms and {bytes} bytes"
+                ));
+            }
+        }
+        if self.dedup.records_max > DEDUP_RECORDS_MAX {
+            return bad(format!(
+                "dedup.records_max {} exceeds {DEDUP_RECORDS_MAX}",
+                self.dedup.records_max
+            ));
+        }
+        if self.dedup.records_max > 0 && self.dedup.age_ms_max == 0 {
+            return bad("dedup.age_ms_max must be positive when dedup is on".into());
+        }
+        if self.retention_check_interval_ms == 0 {
+            return bad("retention_check_interval_ms must be positive".into());
+        }
+        if self.retention.bytes_max == Some(0) || self.retention.age_ms_max == Some(0) {
+            return bad("a retention limit of zero would delete every sealed segment at once; use None for no limit".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Options::default().validate().unwrap();
+    }
+
+    #[test]
+    fn contradictions_are_rejected() {
+        let cases: Vec<(fn(&mut Options), &str)> = vec![
+            (|o| o.segment_bytes = 1000, "segment_bytes"),
+            (|o| o.segment_bytes = 1 << 40, "segment_bytes"),
+            (|o| { o.segment_bytes = 1 << 16; o.record_bytes_max = 1 << 20 }, "does not fit"),
+            (|o| o.record_bytes_max = 10, "record_bytes_max"),
+            (|o| o.flush = FlushMode::Async { interval_ms: 0, bytes: 1 }, "async"),
+            (|o| o.dedup.records_max = 1 << 40, "dedup.records_max"),
+            (|o| o.index_interval_bytes = 0, "index_interval_bytes"),
+            (|o| o.retention.bytes_max = Some(0), "retention"),
+        ];
+        for (change, needle) in cases {
+            let mut options = Options::default();
+            change(&mut options);
+            let err = options.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+}

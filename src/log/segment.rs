@@ -1,0 +1,444 @@
+//! One segment: `<20-digit base offset>.log`, its map and its indexes.
+//!
+//! The active segment is preallocated to `segment_bytes` and written through
+//! a shared map; records are packed back to back from position 0 and the
+//! rest of the file stays zero. Sealing flushes it, writes `.index` and
+//! `.timeindex` (see `index.rs`), truncates the file to the records and
+//! fsyncs; sealed segments are mapped read-only. Byte layout of a record:
+//! `record.rs`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::error::{Result, StorageError};
+use super::index::{OffsetEntry, SegmentIndex};
+use super::mmap::{MapWriter, SegmentMap};
+use super::record;
+use super::recovery::{scan_segment, Scan};
+
+pub const LOG_SUFFIX: &str = "log";
+pub const INDEX_SUFFIX: &str = "index";
+pub const TIME_INDEX_SUFFIX: &str = "timeindex";
+/// Digits of the base offset in file names, enough for any `u64`.
+pub const BASE_OFFSET_DIGITS: usize = 20;
+const PAGE_BYTES: usize = 4096;
+const NO_TIMESTAMP: u64 = u64::MAX;
+
+pub fn file_name(base_offset: u64, suffix: &str) -> String {
+    format!("{base_offset:0width$}.{suffix}", width = BASE_OFFSET_DIGITS)
+}
+
+/// The base offset of a `.log` file name, if it is one.
+pub fn parse_log_file_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".log")?;
+    if stem.len() != BASE_OFFSET_DIGITS || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+pub(crate) struct Segment {
+    pub base_offset: u64,
+    pub path: PathBuf,
+    file: File,
+    map: Arc<SegmentMap>,
+    /// The offset after the last published record.
+    next_offset: AtomicU64,
+    index: Mutex<SegmentIndex>,
+    /// Bytes known durable.
+    flushed: AtomicUsize,
+    /// Bytes below which this process's page mappings were dropped.
+    released: AtomicUsize,
+    first_timestamp_ms: AtomicU64,
+    last_timestamp_ms: AtomicU64,
+    sealed: AtomicBool,
+}
+
+/// A record batch read from one segment: whole records, zero-copy.
+pub(crate) struct SegmentRead {
+    pub bytes: Bytes,
+    pub records: usize,
+    pub next_offset: u64,
+    pub position: usize,
+}
+
+impl Segment {
+    /// Creates and preallocates a new, empty active segment.
+    pub(crate) fn create(dir: &Path, base_offset: u64, capacity: u64) -> Result<(Arc<Segment>, MapWriter)> {
+        let path = dir.join(file_name(base_offset, LOG_SUFFIX));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StorageError::io(&path))?;
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
+            .map_err(|e| StorageError::io(&path)(e.into()))?;
+        file.sync_all().map_err(StorageError::io(&path))?;
+        sync_dir(dir)?;
+        let scan = Scan {
+            next_offset: base_offset,
+            ..Scan::default()
+        };
+        Self::active_from_scan(path, file, base_offset, capacity as usize, scan)
+    }
+
+    /// Maps an existing active segment for appending after `scan.valid_end`.
+    /// The caller has already cleared anything past it.
+    pub(crate) fn active_from_scan(
+        path: PathBuf,
+        file: File,
+        base_offset: u64,
+        capacity: usize,
+        scan: Scan,
+    ) -> Result<(Arc<Segment>, MapWriter)> {
+        let (map, writer) =
+            SegmentMap::open_append(&file, capacity, scan.valid_end).map_err(StorageError::io(&path))?;
+        let segment = Arc::new(Segment {
+            base_offset,
+            path,
+            file,
+            map,
+            next_offset: AtomicU64::new(scan.next_offset),
+            index: Mutex::new(scan.index),
+            flushed: AtomicUsize::new(scan.valid_end),
+            released: AtomicUsize::new(0),
+            first_timestamp_ms: AtomicU64::new(scan.first_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
+            last_timestamp_ms: AtomicU64::new(scan.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
+            sealed: AtomicBool::new(false),
+        });
+        Ok((segment, writer))
+    }
+
+    /// Opens a sealed segment with the index it was sealed with, or one
+    /// rebuilt from its records (verifying checksums if `verify`). Returns
+    /// whether the index was rebuilt and the scan, if one ran.
+    pub(crate) fn open_sealed(
+        dir: &Path,
+        base_offset: u64,
+        index_interval: u32,
+        verify: bool,
+    ) -> Result<(Arc<Segment>, Option<Scan>)> {
+        let path = dir.join(file_name(base_offset, LOG_SUFFIX));
+        let file = File::open(&path).map_err(StorageError::io(&path))?;
+        let len = file.metadata().map_err(StorageError::io(&path))?.len();
+        let map = SegmentMap::open_sealed(&file, len as usize).map_err(StorageError::io(&path))?;
+        let bytes = map.bytes();
+        let loaded = if verify {
+            None
+        } else {
+            load_index(dir, base_offset, len).ok()
+        };
+        let (index, tail_from, scan) = match loaded {
+            Some(index) => {
+                let from = index.last().unwrap_or(OffsetEntry {
+                    rel_offset: 0,
+                    position: 0,
+                });
+                (index, from, None)
+            }
+            None => {
+                let scan = scan_segment(bytes, base_offset, index_interval, verify);
+                (scan.index.clone(), OffsetEntry { rel_offset: 0, position: 0 }, Some(scan))
+            }
+        };
+        // Walk from the last index entry to the end: the segment must end
+        // exactly at its last record.
+        let tail = scan_tail(bytes, base_offset, tail_from)?;
+        if tail.end != bytes.len() || scan.as_ref().is_some_and(|s| s.damage.is_some()) {
+            let (position, reason) = match scan.as_ref().and_then(|s| s.damage.clone()) {
+                Some(d) => (d.position, d.reason),
+                None => (tail.end, "sealed segment does not end at a record boundary".to_string()),
+            };
+            return Err(StorageError::Corrupt {
+                file: path,
+                position: position as u64,
+                reason,
+            });
+        }
+        let first_ts = if bytes.is_empty() {
+            NO_TIMESTAMP
+        } else {
+            record::peek_header(bytes).map_or(NO_TIMESTAMP, |(_, _, ts)| ts)
+        };
+        let segment = Arc::new(Segment {
+            base_offset,
+            path,
+            file,
+            map,
+            next_offset: AtomicU64::new(tail.next_offset),
+            index: Mutex::new(index),
+            flushed: AtomicUsize::new(len as usize),
+            released: AtomicUsize::new(0),
+            first_timestamp_ms: AtomicU64::new(first_ts),
+            last_timestamp_ms: AtomicU64::new(tail.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
+            sealed: AtomicBool::new(true),
+        });
+        Ok((segment, scan))
+    }
+
+    pub(crate) fn index(&self) -> MutexGuard<'_, SegmentIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Called by the writer after publishing records.
+    pub(crate) fn note_appended(&self, next_offset: u64, first_ts: u64, last_ts: u64) {
+        self.next_offset.store(next_offset, Ordering::Release);
+        let _ = self.first_timestamp_ms.compare_exchange(
+            NO_TIMESTAMP,
+            first_ts,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.last_timestamp_ms.store(last_ts, Ordering::Release);
+    }
+
+    pub(crate) fn first_timestamp_ms(&self) -> Option<u64> {
+        Some(self.first_timestamp_ms.load(Ordering::Acquire)).filter(|&t| t != NO_TIMESTAMP)
+    }
+
+    pub(crate) fn last_timestamp_ms(&self) -> Option<u64> {
+        Some(self.last_timestamp_ms.load(Ordering::Acquire)).filter(|&t| t != NO_TIMESTAMP)
+    }
+
+    /// Bytes of records in the segment.
+    pub(crate) fn size_bytes(&self) -> u64 {
+        self.map.published() as u64
+    }
+
+    pub(crate) fn capacity_bytes(&self) -> u64 {
+        self.map.capacity() as u64
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Position of the record with `offset`, found from the sparse index and
+    /// a walk of at most one interval.
+    fn position_of(&self, offset: u64) -> Result<Option<usize>> {
+        let bytes = self.map.bytes();
+        if offset < self.base_offset || offset >= self.next_offset() {
+            return Ok(None);
+        }
+        let rel = (offset - self.base_offset) as u32;
+        let start = self.index().floor(rel);
+        let mut position = start.position as usize;
+        loop {
+            let Some((len, at, _)) = bytes.get(position..).and_then(record::peek_header) else {
+                return Err(self.corrupt(position, "record header unreadable while seeking"));
+            };
+            if at == offset {
+                return Ok(Some(position));
+            }
+            if at > offset {
+                return Err(self.corrupt(position, "offset sequence broken while seeking"));
+            }
+            position += len;
+        }
+    }
+
+    /// Whole records from `offset`: at least one if any exists, then as many
+    /// as fit in `max_records` and `max_bytes`.
+    pub(crate) fn read(self: &Arc<Self>, offset: u64, max_records: usize, max_bytes: usize) -> Result<Option<SegmentRead>> {
+        let Some(start) = self.position_of(offset)? else {
+            return Ok(None);
+        };
+        let bytes = self.map.bytes();
+        let mut end = start;
+        let mut records = 0usize;
+        while records < max_records.max(1) {
+            let Some((len, _, _)) = bytes.get(end..).and_then(record::peek_header) else {
+                break;
+            };
+            if records > 0 && end + len - start > max_bytes {
+                break;
+            }
+            end += len;
+            records += 1;
+        }
+        let view = self
+            .map
+            .view(start..end)
+            .ok_or_else(|| self.corrupt(start, "read range outside the published bytes"))?;
+        Ok(Some(SegmentRead {
+            bytes: view,
+            records,
+            next_offset: offset + records as u64,
+            position: start,
+        }))
+    }
+
+    /// The first record at or after `timestamp_ms`, if this segment has one.
+    pub(crate) fn offset_for_timestamp(&self, timestamp_ms: u64) -> Option<u64> {
+        if self.last_timestamp_ms()? < timestamp_ms {
+            return None;
+        }
+        let bytes = self.map.bytes();
+        let mut position = self.index().time_floor(timestamp_ms).position as usize;
+        while let Some((len, offset, ts)) = bytes.get(position..).and_then(record::peek_header) {
+            if ts >= timestamp_ms {
+                return Some(offset);
+            }
+            position += len;
+        }
+        None
+    }
+
+    /// Makes the records in `[flushed, end)` durable.
+    pub(crate) fn flush_to(&self, end: usize) -> Result<()> {
+        let from = self.flushed.load(Ordering::Acquire);
+        if end <= from {
+            return Ok(());
+        }
+        let page_start = from - from % PAGE_BYTES;
+        self.map
+            .flush_range(page_start..end)
+            .map_err(StorageError::io(&self.path))?;
+        self.flushed.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Lets the kernel drop durable pages more than `hot_bytes` behind the
+    /// flushed end, in steps of at least `step` bytes.
+    pub(crate) fn release_cold_pages(&self, hot_bytes: u64, step: usize) {
+        let flushed = self.flushed.load(Ordering::Acquire);
+        let target = flushed.saturating_sub(hot_bytes as usize);
+        let target = target - target % PAGE_BYTES;
+        let from = self.released.load(Ordering::Acquire);
+        if target < from + step {
+            return;
+        }
+        self.release_range(from..target);
+        self.released.fetch_max(target, Ordering::AcqRel);
+    }
+
+    fn release_range(&self, range: Range<usize>) {
+        // Both calls are advice: failure costs memory, never data.
+        let _ = self.map.release_pages(range.clone());
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            range.start as u64,
+            std::num::NonZeroU64::new((range.end - range.start) as u64),
+            rustix::fs::Advice::DontNeed,
+        );
+    }
+
+    /// Seals the active segment: everything flushed, index files written,
+    /// the file cut to its records. The writer is consumed: no more appends.
+    pub(crate) fn seal(&self, dir: &Path, writer: MapWriter) -> Result<()> {
+        let end = writer.cursor();
+        debug_assert_eq!(end, self.map.published(), "sealing with unpublished bytes");
+        self.flush_to(end)?;
+        drop(writer);
+        let index = self.index().clone();
+        write_file_synced(&dir.join(file_name(self.base_offset, INDEX_SUFFIX)), &index.encode_offsets())?;
+        write_file_synced(
+            &dir.join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
+            &index.encode_times(),
+        )?;
+        // SAFETY of the truncation for readers is argued in mmap.rs: nothing
+        // reads or writes past `published` == `end`.
+        self.file.set_len(end as u64).map_err(StorageError::io(&self.path))?;
+        self.file.sync_all().map_err(StorageError::io(&self.path))?;
+        self.sealed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Deletes the segment's files (retention or repair). Readers holding
+    /// views keep the mapping alive until they drop them.
+    pub(crate) fn delete_files(&self, dir: &Path) -> Result<()> {
+        for suffix in [LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
+            let path = dir.join(file_name(self.base_offset, suffix));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn corrupt(&self, position: usize, reason: impl Into<String>) -> StorageError {
+        StorageError::Corrupt {
+            file: self.path.clone(),
+            position: position as u64,
+            reason: reason.into(),
+        }
+    }
+}
+
+struct Tail {
+    end: usize,
+    next_offset: u64,
+    last_timestamp_ms: Option<u64>,
+}
+
+/// Walks record headers from an index entry to the last record.
+fn scan_tail(bytes: &[u8], base_offset: u64, from: OffsetEntry) -> Result<Tail, StorageError> {
+    let mut position = from.position as usize;
+    let mut next_offset = base_offset + u64::from(from.rel_offset);
+    let mut last_timestamp_ms = None;
+    while let Some((len, offset, ts)) = bytes.get(position..).and_then(record::peek_header) {
+        if offset != next_offset {
+            break;
+        }
+        position += len;
+        next_offset += 1;
+        last_timestamp_ms = Some(ts);
+    }
+    Ok(Tail {
+        end: position,
+        next_offset,
+        last_timestamp_ms,
+    })
+}
+
+fn load_index(dir: &Path, base_offset: u64, segment_len: u64) -> std::result::Result<SegmentIndex, String> {
+    let read = |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
+    SegmentIndex::decode(&read(INDEX_SUFFIX)?, &read(TIME_INDEX_SUFFIX)?, segment_len)
+}
+
+/// Writes a whole file durably: temporary name, fsync, rename, fsync dir.
+pub(crate) fn write_file_synced(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(StorageError::io(&tmp))?;
+    file.write_all(contents).map_err(StorageError::io(&tmp))?;
+    file.sync_all().map_err(StorageError::io(&tmp))?;
+    fs::rename(&tmp, path).map_err(StorageError::io(path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StorageError::io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(file_name(42, LOG_SUFFIX), "00000000000000000042.log");
+        assert_eq!(parse_log_file_name("00000000000000000042.log"), Some(42));
+        assert_eq!(parse_log_file_name(&file_name(u64::MAX, LOG_SUFFIX)), Some(u64::MAX));
+        assert_eq!(parse_log_file_name("42.log"), None);
+        assert_eq!(parse_log_file_name("0000000000000000004x.log"), None);
+        assert_eq!(parse_log_file_name("00000000000000000042.index"), None);
+    }
+}
