@@ -16,6 +16,7 @@ pub mod dedup;
 pub mod error;
 mod flush;
 pub mod index;
+pub mod inspect;
 mod mmap;
 pub mod options;
 pub mod record;
@@ -42,7 +43,7 @@ pub use recovery::RecoveryReport;
 use flush::GroupCommit;
 use mmap::{MapWriter, SegmentMap};
 use record::{Decoded, RECORD_HEADER_LEN};
-use recovery::{scan_segment, valid_records_after, Checkpoint, Scan, CHECKPOINT_FILE};
+use recovery::{classify_tail, scan_segment, Checkpoint, Scan, TailVerdict, CHECKPOINT_FILE};
 use segment::{Segment, LOG_SUFFIX};
 
 /// The file whose exclusive lock marks a directory as in use.
@@ -694,6 +695,7 @@ fn open_segments(
 ) -> Result<(Vec<Arc<Segment>>, ActiveParts)> {
     let mut bases = list_segments(dir)?;
     if bases.is_empty() {
+        report.created = true;
         if checkpoint.is_some_and(|c| c.durable_offset > 0) {
             return Err(StorageError::Corrupt {
                 file: dir.join(CHECKPOINT_FILE),
@@ -825,83 +827,41 @@ fn judge_tail(
     checkpoint_bound: u64,
     report: &mut RecoveryReport,
 ) -> Result<Option<usize>> {
-    let from = scan.valid_end;
-    let dirty_end = data_end(file, bytes, from);
-    if dirty_end <= from {
-        return Ok(None);
-    }
-    let expected = scan.next_offset;
-    let reason = scan.damage.as_ref().map_or_else(
-        || "zero length followed by non-zero bytes".to_string(),
-        |d| d.reason.clone(),
-    );
-    let after = valid_records_after(bytes, from + 1, dirty_end, expected);
-    let bound = checkpoint_bound.max(scan.durable_watermark).max(after.durable_watermark);
-    let corrupt = |why: String| StorageError::Corrupt {
+    let dirty_end = segment::data_end(file, bytes, scan.valid_end);
+    let verdict = classify_tail(bytes, scan, dirty_end, checkpoint_bound);
+    let corrupt = |from: usize, why: String| StorageError::Corrupt {
         file: path.to_path_buf(),
         position: from as u64,
         reason: why,
     };
-    let cut_bytes = dirty_end - from;
-    match mode {
-        RecoveryMode::Repair => {
-            let note = format!(
-                "cut {cut_bytes} bytes at byte {from} of {} (record {expected}: {reason}), dropping {} valid-looking record(s) after it",
-                path.display(),
-                after.records
-            );
-            tracing::error!("repair: {note}");
-            report.repaired = Some(note);
-            Ok(Some(dirty_end))
+    match (verdict, mode) {
+        (TailVerdict::Clean, _) => Ok(None),
+        (TailVerdict::Torn { from, reason, .. }, RecoveryMode::AbsoluteConsistency)
+        | (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::AbsoluteConsistency) => {
+            Err(corrupt(from, reason))
         }
-        RecoveryMode::AbsoluteConsistency => Err(corrupt(format!("record {expected}: {reason}"))),
-        RecoveryMode::TolerateTornTail if expected < bound => Err(corrupt(format!(
-            "record {expected} is damaged ({reason}) but offsets below {bound} had been made durable"
-        ))),
-        RecoveryMode::TolerateTornTail if after.records > 0 => Err(corrupt(format!(
-            "record {expected} is damaged ({reason}) and {} valid record(s) follow it; \
-             not a torn tail (open with RecoveryMode::Repair to cut here)",
-            after.records
-        ))),
-        RecoveryMode::TolerateTornTail => {
+        (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::TolerateTornTail) => Err(corrupt(
+            from,
+            format!("{reason}; not a torn tail (open with RecoveryMode::Repair to cut the log here)"),
+        )),
+        (TailVerdict::Torn { from, to, reason }, RecoveryMode::TolerateTornTail) => {
             tracing::warn!(
                 segment = %path.display(),
                 position = from,
-                bytes = cut_bytes,
-                next_offset = expected,
-                reason = %reason,
+                bytes = to - from,
+                %reason,
                 "truncated a torn tail"
             );
-            Ok(Some(dirty_end))
+            Ok(Some(to))
+        }
+        (TailVerdict::Torn { from, to, reason }, RecoveryMode::Repair)
+        | (TailVerdict::Damaged { from, to, reason, .. }, RecoveryMode::Repair) => {
+            let note = format!("cut {} bytes at byte {from} of {}: {reason}", to - from, path.display());
+            tracing::error!("repair: {note}");
+            report.repaired = Some(note);
+            Ok(Some(to))
         }
     }
-}
-
-/// One past the last non-zero byte at or after `from`, asking the file
-/// system where data lies so that a mostly empty preallocated segment is not
-/// read end to end.
-fn data_end(file: &File, bytes: &[u8], from: usize) -> usize {
-    use rustix::fs::{seek, SeekFrom};
-    let len = bytes.len() as u64;
-    let mut end = from;
-    let mut pos = from as u64;
-    while pos < len {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => return recovery::nonzero_end(bytes, from),
-        };
-        if data >= len {
-            break;
-        }
-        let hole = seek(file, SeekFrom::Hole(data)).map_or(len, |h| h.min(len));
-        let region_end = recovery::nonzero_end(&bytes[..hole as usize], data as usize);
-        if region_end > data as usize {
-            end = end.max(region_end);
-        }
-        pos = hole;
-    }
-    end
 }
 
 /// Loads the ids of the last `records_max` records into a fresh window.
@@ -1015,7 +975,9 @@ fn write_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<()> {
 }
 
 fn log_report(dir: &Path, report: &RecoveryReport) {
-    if report.bytes_truncated > 0 || report.repaired.is_some() || !report.clean_shutdown {
+    if report.created {
+        tracing::info!(dir = %dir.display(), "created a new log");
+    } else if report.bytes_truncated > 0 || report.repaired.is_some() || !report.clean_shutdown {
         tracing::warn!(
             dir = %dir.display(),
             clean_shutdown = report.clean_shutdown,

@@ -229,9 +229,69 @@ pub fn valid_records_after(bytes: &[u8], from: usize, to: usize, expected_offset
     found
 }
 
+/// What the bytes past the valid run of the last segment are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailVerdict {
+    /// Nothing but zeros follows the last valid record.
+    Clean,
+    /// A write torn by a crash: every byte from `from` to `to` lies past any
+    /// offset known durable and no valid record follows; safe to clear.
+    Torn { from: usize, to: usize, reason: String },
+    /// Damage a crash cannot explain: data that had been durable, or a bad
+    /// record with valid ones after it.
+    Damaged {
+        from: usize,
+        to: usize,
+        reason: String,
+        valid_after: u64,
+    },
+}
+
+/// Classifies what lies in `bytes[scan.valid_end..dirty_end)`, given the
+/// highest offset known durable from outside the segment (the checkpoint).
+pub fn classify_tail(bytes: &[u8], scan: &Scan, dirty_end: usize, durable_bound: u64) -> TailVerdict {
+    let from = scan.valid_end;
+    if dirty_end <= from {
+        return TailVerdict::Clean;
+    }
+    let expected = scan.next_offset;
+    let what = scan.damage.as_ref().map_or_else(
+        || "zero length followed by non-zero bytes".to_string(),
+        |d| d.reason.clone(),
+    );
+    let after = valid_records_after(bytes, from + 1, dirty_end, expected);
+    let bound = durable_bound.max(scan.durable_watermark).max(after.durable_watermark);
+    if expected < bound {
+        return TailVerdict::Damaged {
+            from,
+            to: dirty_end,
+            reason: format!("record {expected} is damaged ({what}) but offsets below {bound} had been made durable"),
+            valid_after: after.records,
+        };
+    }
+    if after.records > 0 {
+        return TailVerdict::Damaged {
+            from,
+            to: dirty_end,
+            reason: format!(
+                "record {expected} is damaged ({what}) and {} valid record(s) follow it",
+                after.records
+            ),
+            valid_after: after.records,
+        };
+    }
+    TailVerdict::Torn {
+        from,
+        to: dirty_end,
+        reason: format!("record {expected}: {what}"),
+    }
+}
+
 /// What `open` did, logged and kept for callers and `bida inspect`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// The directory held no log: one was created.
+    pub created: bool,
     /// The previous process closed the log cleanly.
     pub clean_shutdown: bool,
     pub segments: usize,

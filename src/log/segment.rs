@@ -20,7 +20,7 @@ use super::error::{Result, StorageError};
 use super::index::{OffsetEntry, SegmentIndex};
 use super::mmap::{MapWriter, SegmentMap};
 use super::record;
-use super::recovery::{scan_segment, Scan};
+use super::recovery::{nonzero_end, scan_segment, Scan};
 
 pub const LOG_SUFFIX: &str = "log";
 pub const INDEX_SUFFIX: &str = "index";
@@ -376,6 +376,33 @@ impl Segment {
             reason: reason.into(),
         }
     }
+}
+
+/// One past the last non-zero byte at or after `from`, asking the file
+/// system where data lies so that a mostly empty preallocated segment is not
+/// read end to end.
+pub(crate) fn data_end(file: &File, bytes: &[u8], from: usize) -> usize {
+    use rustix::fs::{seek, SeekFrom};
+    let len = bytes.len() as u64;
+    let mut end = from;
+    let mut pos = from as u64;
+    while pos < len {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return nonzero_end(bytes, from),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(data)).map_or(len, |h| h.min(len));
+        let region_end = nonzero_end(&bytes[..hole as usize], data as usize);
+        if region_end > data as usize {
+            end = end.max(region_end);
+        }
+        pos = hole;
+    }
+    end
 }
 
 struct Tail {
