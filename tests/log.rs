@@ -96,8 +96,16 @@ fn torn_last_record_is_truncated_at_every_length() {
             let report = log.recovery_report();
             assert!(report.bytes_truncated <= cut, "cut {cut}: {report:?}");
             let p = payload(99, 50);
-            let again = log.append_acked(&[Message { payload: &p, ..Message::default() }]).unwrap();
-            assert_eq!(again.outcomes[0].offset, 19, "appends continue at the right offset");
+            let again = log
+                .append_acked(&[Message {
+                    payload: &p,
+                    ..Message::default()
+                }])
+                .unwrap();
+            assert_eq!(
+                again.outcomes[0].offset, 19,
+                "appends continue at the right offset"
+            );
             log.close().unwrap();
             let log = Log::open(dir.path(), options()).unwrap();
             assert_eq!(read_all(&log).len(), 20);
@@ -138,7 +146,11 @@ fn garbage_or_zeros_after_the_last_record_are_cut() {
         drop(log);
         // A second crash must not resurrect anything from the cleared tail.
         let log = Log::open(dir.path(), options()).unwrap();
-        assert_eq!(log.recovery_report().bytes_truncated, 0, "{name}: the tail was cleared");
+        assert_eq!(
+            log.recovery_report().bytes_truncated,
+            0,
+            "{name}: the tail was cleared"
+        );
     }
 }
 
@@ -158,7 +170,9 @@ fn flipped_bit_in_a_middle_record_fails_open_or_is_repaired() {
         }
         let at = 12 * record_len(len) as u64;
         flip_bit(&log_file(dir.path(), 0), at + 70, 3);
-        let err = Log::open(dir.path(), options()).err().expect("open must fail");
+        let err = Log::open(dir.path(), options())
+            .err()
+            .expect("open must fail");
         match &err {
             StorageError::Corrupt { file, position, .. } => {
                 assert_eq!(*file, log_file(dir.path(), 0));
@@ -187,9 +201,19 @@ fn damaged_sealed_segment_is_reported_not_truncated() {
     }
     let first = log_file(dir.path(), 0);
     let len = std::fs::metadata(&first).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(len - 10).unwrap();
-    let err = Log::open(dir.path(), options()).err().expect("open must fail");
-    assert!(matches!(&err, StorageError::Corrupt { file, .. } if *file == first), "{err}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = Log::open(dir.path(), options())
+        .err()
+        .expect("open must fail");
+    assert!(
+        matches!(&err, StorageError::Corrupt { file, .. } if *file == first),
+        "{err}"
+    );
     let report = bida::log::inspect::inspect(dir.path()).unwrap();
     assert!(report.is_damaged(), "{report}");
 }
@@ -207,18 +231,31 @@ fn duplicates_in_the_window_are_stored_once_across_reopen() {
         let log = Log::open(dir.path(), options()).unwrap();
         let first = log.append_acked(&[msg(1), msg(2), msg(1)]).unwrap();
         assert_eq!(
-            first.outcomes.iter().map(|o| (o.offset, o.duplicate)).collect::<Vec<_>>(),
+            first
+                .outcomes
+                .iter()
+                .map(|o| (o.offset, o.duplicate))
+                .collect::<Vec<_>>(),
             vec![(0, false), (1, false), (0, true)],
             "a duplicate within one batch is caught too"
         );
         let retry = log.append_acked(&[msg(2)]).unwrap();
-        assert_eq!((retry.outcomes[0].offset, retry.outcomes[0].duplicate), (1, true));
+        assert_eq!(
+            (retry.outcomes[0].offset, retry.outcomes[0].duplicate),
+            (1, true)
+        );
         drop(log); // crash
     }
     let log = Log::open(dir.path(), options()).unwrap();
     let retry = log.append_acked(&[msg(1), msg(3)]).unwrap();
-    assert_eq!((retry.outcomes[0].offset, retry.outcomes[0].duplicate), (0, true));
-    assert_eq!((retry.outcomes[1].offset, retry.outcomes[1].duplicate), (2, false));
+    assert_eq!(
+        (retry.outcomes[0].offset, retry.outcomes[0].duplicate),
+        (0, true)
+    );
+    assert_eq!(
+        (retry.outcomes[1].offset, retry.outcomes[1].duplicate),
+        (2, false)
+    );
     assert_eq!(read_all(&log).len(), 3, "retries stored nothing new");
 }
 
@@ -236,29 +273,63 @@ fn ids_outside_the_window_are_stored_again() {
     append_one_by_one(&log, 150, 20);
     let p = payload(0, 20);
     // id(0) was at offset 0, 150 records ago: outside a 100-record window.
-    let old = log.append_acked(&[Message { id: id(0), payload: &p, ..Message::default() }]).unwrap();
-    assert_eq!((old.outcomes[0].offset, old.outcomes[0].duplicate), (150, false));
+    let old = log
+        .append_acked(&[Message {
+            id: id(0),
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap();
+    assert_eq!(
+        (old.outcomes[0].offset, old.outcomes[0].duplicate),
+        (150, false)
+    );
     // id(100) is at offset 100, inside the window.
-    let recent = log.append_acked(&[Message { id: id(100), payload: &p, ..Message::default() }]).unwrap();
-    assert_eq!((recent.outcomes[0].offset, recent.outcomes[0].duplicate), (100, true));
+    let recent = log
+        .append_acked(&[Message {
+            id: id(100),
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap();
+    assert_eq!(
+        (recent.outcomes[0].offset, recent.outcomes[0].duplicate),
+        (100, true)
+    );
     log.close().unwrap();
     // The rebuilt window has the same edge.
     let log = Log::open(dir.path(), opts).unwrap();
     let again = log
         .append_acked(&[
-            Message { id: id(40), payload: &p, ..Message::default() },
-            Message { id: id(120), payload: &p, ..Message::default() },
+            Message {
+                id: id(40),
+                payload: &p,
+                ..Message::default()
+            },
+            Message {
+                id: id(120),
+                payload: &p,
+                ..Message::default()
+            },
         ])
         .unwrap();
-    assert_eq!((again.outcomes[0].offset, again.outcomes[0].duplicate), (151, false));
-    assert_eq!((again.outcomes[1].offset, again.outcomes[1].duplicate), (120, true));
+    assert_eq!(
+        (again.outcomes[0].offset, again.outcomes[0].duplicate),
+        (151, false)
+    );
+    assert_eq!(
+        (again.outcomes[1].offset, again.outcomes[1].duplicate),
+        (120, true)
+    );
 }
 
 #[test]
 fn a_second_open_of_the_directory_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), options()).unwrap();
-    let err = Log::open(dir.path(), options()).err().expect("second open must fail");
+    let err = Log::open(dir.path(), options())
+        .err()
+        .expect("second open must fail");
     let StorageError::Locked { path, holder } = &err else {
         panic!("unexpected {err}");
     };
@@ -266,7 +337,10 @@ fn a_second_open_of_the_directory_fails_clearly() {
     assert_eq!(*holder, format!("pid {}", std::process::id()));
     assert!(err.to_string().contains("LOCK"), "{err}");
     log.close().unwrap();
-    Log::open(dir.path(), options()).expect("free again after close").close().unwrap();
+    Log::open(dir.path(), options())
+        .expect("free again after close")
+        .close()
+        .unwrap();
 }
 
 #[test]
@@ -291,8 +365,15 @@ fn segments_roll_and_reads_cross_them_and_lost_indexes_are_rebuilt() {
             assert_eq!(&r.payload[..], &written[r.offset as usize][..]);
         }
     }
-    assert_eq!(log.read(600, 10, 1 << 20).unwrap().records, 0, "the end reads empty");
-    assert!(matches!(log.read(601, 10, 1 << 20), Err(StorageError::OffsetOutOfRange { .. })));
+    assert_eq!(
+        log.read(600, 10, 1 << 20).unwrap().records,
+        0,
+        "the end reads empty"
+    );
+    assert!(matches!(
+        log.read(601, 10, 1 << 20),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
     let records = read_all(&log);
     assert_eq!(records.len(), 600);
     // Timestamps are monotonic, so the time index finds each record's first peer.
@@ -324,7 +405,10 @@ fn retention_deletes_whole_sealed_segments_never_the_active_one() {
     assert_eq!(after.len(), before.len() - report.segments_deleted);
     assert!(after.iter().map(|s| s.size_bytes).sum::<u64>() <= 150 << 10);
     assert_eq!(log.start_offset(), after[0].base_offset);
-    assert!(matches!(log.read(0, 1, 1000), Err(StorageError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(0, 1, 1000),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
     assert!(!before[0].path.exists());
     log.close().unwrap();
 
@@ -355,10 +439,18 @@ fn async_mode_acks_at_once_and_flushes_in_the_background() {
     };
     let log = Log::open(dir.path(), opts).unwrap();
     let p = payload(1, 100);
-    let appended = log.append_acked(&[Message { payload: &p, ..Message::default() }]).unwrap();
+    let appended = log
+        .append_acked(&[Message {
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while log.durable_offset() < appended.durable_target() {
-        assert!(Instant::now() < deadline, "the background flusher never ran");
+        assert!(
+            Instant::now() < deadline,
+            "the background flusher never ran"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -370,20 +462,46 @@ fn a_bad_message_rejects_the_whole_batch() {
     let good = encode_headers(&[(b"a", b"b")]).unwrap();
     let huge = vec![0u8; 20 << 10];
     let batch = [
-        Message { headers: &good, payload: b"fine", ..Message::default() },
-        Message { headers: &[1, 0, 9], payload: b"bad headers", ..Message::default() },
+        Message {
+            headers: &good,
+            payload: b"fine",
+            ..Message::default()
+        },
+        Message {
+            headers: &[1, 0, 9],
+            payload: b"bad headers",
+            ..Message::default()
+        },
     ];
     let err = log.append(&batch).unwrap_err();
-    assert!(matches!(err, StorageError::InvalidMessage { index: 1, .. }), "{err}");
-    let err = log.append(&[Message { payload: &huge, ..Message::default() }]).unwrap_err();
-    assert!(matches!(err, StorageError::InvalidMessage { index: 0, .. }), "{err}");
+    assert!(
+        matches!(err, StorageError::InvalidMessage { index: 1, .. }),
+        "{err}"
+    );
+    let err = log
+        .append(&[Message {
+            payload: &huge,
+            ..Message::default()
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(err, StorageError::InvalidMessage { index: 0, .. }),
+        "{err}"
+    );
     assert_eq!(log.next_offset(), 0, "nothing was stored");
 }
 
 #[test]
 fn concurrent_sync_appenders_share_flushes_and_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(dir.path(), Options { segment_bytes: 1 << 20, ..options() }).unwrap();
+    let log = Log::open(
+        dir.path(),
+        Options {
+            segment_bytes: 1 << 20,
+            ..options()
+        },
+    )
+    .unwrap();
     let offsets = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for t in 0..8u64 {
@@ -391,10 +509,19 @@ fn concurrent_sync_appenders_share_flushes_and_lose_nothing() {
             s.spawn(move || {
                 for i in 0..100u64 {
                     let p = payload(t * 1000 + i, 64);
-                    let batch = vec![Message { payload: &p, ..Message::default() }; 4];
+                    let batch = vec![
+                        Message {
+                            payload: &p,
+                            ..Message::default()
+                        };
+                        4
+                    ];
                     let appended = log.append_acked(&batch).unwrap();
                     assert!(log.durable_offset() >= appended.durable_target());
-                    offsets.lock().unwrap().extend(appended.outcomes.iter().map(|o| o.offset));
+                    offsets
+                        .lock()
+                        .unwrap()
+                        .extend(appended.outcomes.iter().map(|o| o.offset));
                 }
             });
         }
@@ -422,7 +549,17 @@ fn sigkill_during_sync_appends_loses_nothing_acknowledged() {
             next
         };
         let mut child = Command::new(env!("CARGO_BIN_EXE_bida"))
-            .args(["append", "--flush", "sync", "--generate", "100000000", "--batch", "8", "--size", "120"])
+            .args([
+                "append",
+                "--flush",
+                "sync",
+                "--generate",
+                "100000000",
+                "--batch",
+                "8",
+                "--size",
+                "120",
+            ])
             .args(["--segment-bytes", "65536", "--data"])
             .arg(dir.path())
             .env("BIDA_LOG", "error")
@@ -459,19 +596,73 @@ fn sigkill_during_sync_appends_loses_nothing_acknowledged() {
                 acked.push((o.parse().unwrap(), u128::from_str_radix(i, 16).unwrap()));
             }
         }
-        assert!(!acked.is_empty(), "round {round}: the child acknowledged nothing");
+        assert!(
+            !acked.is_empty(),
+            "round {round}: the child acknowledged nothing"
+        );
         let log = Log::open(dir.path(), options()).unwrap();
         for &(offset, id) in &acked {
             let batch = log.read(offset, 1, 1 << 20).unwrap();
-            let record = batch.iter().next().unwrap_or_else(|| panic!("round {round}: offset {offset} lost")).unwrap();
+            let record = batch
+                .iter()
+                .next()
+                .unwrap_or_else(|| panic!("round {round}: offset {offset} lost"))
+                .unwrap();
             assert_eq!(record.offset, offset);
-            assert_eq!(record.id.0, id, "round {round}: offset {offset} has another id");
+            assert_eq!(
+                record.id.0, id,
+                "round {round}: offset {offset} has another id"
+            );
             let i = offset - start;
-            assert!(record.payload.starts_with(format!("record-{i}:").as_bytes()), "round {round}: offset {offset}");
+            assert!(
+                record
+                    .payload
+                    .starts_with(format!("record-{i}:").as_bytes()),
+                "round {round}: offset {offset}"
+            );
             assert_eq!(record.payload.len(), 120);
         }
         let last = acked.iter().map(|a| a.0).max().unwrap();
         assert!(log.next_offset() > last);
         drop(log);
     }
+}
+
+/// Found by the recover fuzzer: a damaged offset field in a sealed segment
+/// (not re-verified at open) must not upset the dedup rebuild, and reads
+/// must report the damage instead of returning the record.
+#[test]
+fn damaged_offset_in_a_sealed_segment_is_reported_on_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(dir.path(), options()).unwrap();
+        append_one_by_one(&log, 400, 500);
+        log.close().unwrap();
+    }
+    let at = 5 * record_len(500) as u64 + bida::log::record::LOG_OFFSET_OFFSET as u64;
+    flip_bit(&log_file(dir.path(), 0), at, 0);
+    let log = Log::open(dir.path(), options()).unwrap();
+    let mut offset = 0;
+    let err = loop {
+        match log.read(offset, 3, 1 << 20) {
+            Ok(batch) => {
+                let mut n = 0;
+                for r in batch.iter() {
+                    match r {
+                        Ok(r) => assert_eq!(r.offset, offset + n),
+                        Err(e) => panic!("checksum caught it first: {e}"),
+                    }
+                    n += 1;
+                }
+                assert!(n > 0, "reads stalled before the damage");
+                offset = batch.next_offset;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    assert_eq!(offset, 5, "everything before the damage reads back");
+    assert!(bida::log::inspect::inspect(dir.path())
+        .unwrap()
+        .is_damaged());
 }

@@ -56,39 +56,42 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut acked = 0u64;
     let mut duplicates = 0u64;
     let mut seq = 0u64;
-    let mut append = |payloads: &[Vec<u8>], out: &mut dyn Write| -> Result<(), Box<dyn std::error::Error>> {
-        let ids: Vec<InnerMsgId> = payloads
-            .iter()
-            .map(|_| {
-                seq += 1;
-                InnerMsgId(producer << 64 | u128::from(seq))
-            })
-            .collect();
-        let batch: Vec<Message<'_>> = payloads
-            .iter()
-            .zip(&ids)
-            .map(|(p, &id)| Message {
-                id,
-                payload: p,
-                ..Message::default()
-            })
-            .collect();
-        let appended = log.append_acked(&batch)?;
-        for (outcome, id) in appended.outcomes.iter().zip(&ids) {
-            acked += 1;
-            duplicates += u64::from(outcome.duplicate);
-            if args.verbose || args.generate.is_some() {
-                writeln!(out, "{}\t{id}\t{}", outcome.offset, outcome.duplicate)?;
+    let mut append =
+        |payloads: &[Vec<u8>], out: &mut dyn Write| -> Result<(), Box<dyn std::error::Error>> {
+            let ids: Vec<InnerMsgId> = payloads
+                .iter()
+                .map(|_| {
+                    seq += 1;
+                    InnerMsgId(producer << 64 | u128::from(seq))
+                })
+                .collect();
+            let batch: Vec<Message<'_>> = payloads
+                .iter()
+                .zip(&ids)
+                .map(|(p, &id)| Message {
+                    id,
+                    payload: p,
+                    ..Message::default()
+                })
+                .collect();
+            let appended = log.append_acked(&batch)?;
+            for (outcome, id) in appended.outcomes.iter().zip(&ids) {
+                acked += 1;
+                duplicates += u64::from(outcome.duplicate);
+                if args.verbose || args.generate.is_some() {
+                    writeln!(out, "{}\t{id}\t{}", outcome.offset, outcome.duplicate)?;
+                }
             }
-        }
-        out.flush()?;
-        Ok(())
-    };
+            out.flush()?;
+            Ok(())
+        };
     if let Some(count) = args.generate {
         let mut i = 0u64;
         while i < count {
             let n = (count - i).min(batch_len as u64);
-            let payloads: Vec<Vec<u8>> = (i..i + n).map(|j| generated_payload(j, args.size)).collect();
+            let payloads: Vec<Vec<u8>> = (i..i + n)
+                .map(|j| generated_payload(j, args.size))
+                .collect();
             append(&payloads, &mut out)?;
             i += n;
         }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use bida::log::{FlushMode, Options};
 
 #[derive(Parser, Debug)]
-#[command(name = "bida", version, about = "bida (必达): a message broker on its own commit log")]
+#[command(
+    name = "bida",
+    version,
+    about = "bida (必达): a message broker on its own commit log"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

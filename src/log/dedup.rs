@@ -153,7 +153,9 @@ impl Ring {
         if offset < self.start || offset >= self.end {
             return None;
         }
-        let chunk = self.chunks.get((offset / CHUNK - self.first_chunk) as usize)?;
+        let chunk = self
+            .chunks
+            .get((offset / CHUNK - self.first_chunk) as usize)?;
         chunk.get((offset % CHUNK) as usize).copied()
     }
 
@@ -178,7 +180,8 @@ impl Ring {
         }
         let chunk_index = (offset / CHUNK - self.first_chunk) as usize;
         while self.chunks.len() <= chunk_index {
-            self.chunks.push_back(vec![0u128; CHUNK as usize].into_boxed_slice());
+            self.chunks
+                .push_back(vec![0u128; CHUNK as usize].into_boxed_slice());
         }
         self.chunks[chunk_index][(offset % CHUNK) as usize] = id;
         let block_index = (offset / AGE_BLOCK - self.first_block) as usize;
@@ -297,7 +300,10 @@ impl Generation {
     fn grown(&self, slots: usize, ring: &Ring, hasher: &foldhash::fast::RandomState) -> Generation {
         let mut next = Generation::new(slots);
         for &slot in &self.slots {
-            let Some(offset) = slot.checked_sub(1).and_then(|low| ring.resolve(u64::from(low))) else {
+            let Some(offset) = slot
+                .checked_sub(1)
+                .and_then(|low| ring.resolve(u64::from(low)))
+            else {
                 continue;
             };
             match ring.get(offset) {
@@ -359,7 +365,11 @@ mod tests {
             d.insert(InnerMsgId(u128::from(o) + 1), o, 1);
             d.expire(1);
         }
-        assert_eq!(d.lookup(InnerMsgId(4000)), None, "offset 3999 is outside the last 1000");
+        assert_eq!(
+            d.lookup(InnerMsgId(4000)),
+            None,
+            "offset 3999 is outside the last 1000"
+        );
         assert_eq!(d.lookup(InnerMsgId(4001)), Some(4000));
         assert_eq!(d.lookup(InnerMsgId(5000)), Some(4999));
         assert_eq!(d.ids_in_window(), 1000);
@@ -376,10 +386,21 @@ mod tests {
         }
         d.expire(20_500);
         assert_eq!(d.lookup(InnerMsgId(1)), None, "block 0 is 20 s old");
-        assert_eq!(d.lookup(InnerMsgId(u128::from(AGE_BLOCK) + 1)), None, "block 1 is 10 s old");
-        assert_eq!(d.lookup(InnerMsgId(u128::from(AGE_BLOCK * 2) + 1)), Some(AGE_BLOCK * 2));
+        assert_eq!(
+            d.lookup(InnerMsgId(u128::from(AGE_BLOCK) + 1)),
+            None,
+            "block 1 is 10 s old"
+        );
+        assert_eq!(
+            d.lookup(InnerMsgId(u128::from(AGE_BLOCK * 2) + 1)),
+            Some(AGE_BLOCK * 2)
+        );
         d.expire(40_000);
-        assert_eq!(d.lookup(InnerMsgId(u128::from(AGE_BLOCK * 3))), None, "all old now");
+        assert_eq!(
+            d.lookup(InnerMsgId(u128::from(AGE_BLOCK * 3))),
+            None,
+            "all old now"
+        );
         d.insert(InnerMsgId(99_999), AGE_BLOCK * 3, 40_000);
         assert_eq!(d.lookup(InnerMsgId(99_999)), Some(AGE_BLOCK * 3));
     }

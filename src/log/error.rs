@@ -16,7 +16,9 @@ pub enum StorageError {
         source: io::Error,
     },
 
-    #[error("data directory is locked by another process: {path} is held (holder wrote: {holder})")]
+    #[error(
+        "data directory is locked by another process: {path} is held (holder wrote: {holder})"
+    )]
     Locked { path: PathBuf, holder: String },
 
     #[error("corrupt data in {file} at byte {position}: {reason}")]

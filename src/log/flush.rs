@@ -58,7 +58,11 @@ impl GroupCommit {
     /// Returns once every offset below `target` is durable, running `flush`
     /// (which returns the offset it made durable up to) when no flush is in
     /// flight.
-    pub(crate) fn wait_for(&self, target: u64, mut flush: impl FnMut() -> Result<u64>) -> Result<()> {
+    pub(crate) fn wait_for(
+        &self,
+        target: u64,
+        mut flush: impl FnMut() -> Result<u64>,
+    ) -> Result<()> {
         let mut state = self.lock();
         loop {
             if let Some(failure) = &state.failure {
@@ -131,7 +135,9 @@ mod tests {
                             .wait_for(target, || {
                                 flushes.fetch_add(1, Ordering::SeqCst);
                                 let upto = appended.load(Ordering::SeqCst);
-                                std::thread::sleep(std::time::Duration::from_micros(50 + t + i % 3));
+                                std::thread::sleep(std::time::Duration::from_micros(
+                                    50 + t + i % 3,
+                                ));
                                 Ok(upto)
                             })
                             .unwrap();
@@ -142,7 +148,10 @@ mod tests {
         });
         assert_eq!(group.durable_offset(), 1600);
         let flushes = flushes.load(Ordering::SeqCst);
-        assert!(flushes < 1600, "{flushes} flushes for 1600 waits: no grouping happened");
+        assert!(
+            flushes < 1600,
+            "{flushes} flushes for 1600 waits: no grouping happened"
+        );
     }
 
     #[test]

@@ -56,7 +56,13 @@ impl SegmentIndex {
     }
 
     /// Offers a record to the index; called for every record in order.
-    pub fn observe(&mut self, rel_offset: u32, position: u32, timestamp_ms: u64, interval_bytes: u32) {
+    pub fn observe(
+        &mut self,
+        rel_offset: u32,
+        position: u32,
+        timestamp_ms: u64,
+        interval_bytes: u32,
+    ) {
         let due = |last: Option<u32>| last.is_none_or(|p| position - p >= interval_bytes);
         if due(self.offsets.last().map(|e| e.position)) {
             self.offsets.push(OffsetEntry {
@@ -64,7 +70,10 @@ impl SegmentIndex {
                 position,
             });
         }
-        let newer = self.times.last().is_none_or(|e| timestamp_ms > e.timestamp_ms);
+        let newer = self
+            .times
+            .last()
+            .is_none_or(|e| timestamp_ms > e.timestamp_ms);
         if newer && due(self.times.last().map(|e| e.position)) {
             self.times.push(TimeEntry {
                 timestamp_ms,
@@ -89,19 +98,19 @@ impl SegmentIndex {
     /// The entry to start scanning from for the first record with a
     /// timestamp at or after `timestamp_ms`: the last entry older than it.
     pub fn time_floor(&self, timestamp_ms: u64) -> OffsetEntry {
-        let i = self.times.partition_point(|e| e.timestamp_ms < timestamp_ms);
-        i.checked_sub(1)
-            .and_then(|i| self.times.get(i))
-            .map_or(
-                OffsetEntry {
-                    rel_offset: 0,
-                    position: 0,
-                },
-                |e| OffsetEntry {
-                    rel_offset: e.rel_offset,
-                    position: e.position,
-                },
-            )
+        let i = self
+            .times
+            .partition_point(|e| e.timestamp_ms < timestamp_ms);
+        i.checked_sub(1).and_then(|i| self.times.get(i)).map_or(
+            OffsetEntry {
+                rel_offset: 0,
+                position: 0,
+            },
+            |e| OffsetEntry {
+                rel_offset: e.rel_offset,
+                position: e.position,
+            },
+        )
     }
 
     pub fn last(&self) -> Option<OffsetEntry> {
@@ -148,7 +157,9 @@ impl SegmentIndex {
                 }
             }
             if e.position as u64 >= segment_len {
-                return Err(format!("offset index entry {e:?} past the segment end {segment_len}"));
+                return Err(format!(
+                    "offset index entry {e:?} past the segment end {segment_len}"
+                ));
             }
             index.offsets.push(e);
         }
@@ -166,7 +177,9 @@ impl SegmentIndex {
                 }
             }
             if e.position as u64 >= segment_len {
-                return Err(format!("time index entry {e:?} past the segment end {segment_len}"));
+                return Err(format!(
+                    "time index entry {e:?} past the segment end {segment_len}"
+                ));
             }
             index.times.push(e);
         }
@@ -187,20 +200,29 @@ fn frame(magic: &[u8; 8], count: usize, body: Vec<u8>) -> Vec<u8> {
 }
 
 fn unframe<'a>(magic: &[u8; 8], file: &'a [u8], entry_len: usize) -> Result<&'a [u8], String> {
-    let (Some(head), Some(body)) = (file.get(..INDEX_HEADER_LEN), file.get(INDEX_HEADER_LEN..)) else {
-        return Err(format!("index file of {} bytes is shorter than its header", file.len()));
+    let (Some(head), Some(body)) = (file.get(..INDEX_HEADER_LEN), file.get(INDEX_HEADER_LEN..))
+    else {
+        return Err(format!(
+            "index file of {} bytes is shorter than its header",
+            file.len()
+        ));
     };
     if &head[0..8] != magic {
         return Err("index file has the wrong magic".into());
     }
     let count = le_u32(&head[8..12]) as usize;
     if body.len() != count.saturating_mul(entry_len) {
-        return Err(format!("index file claims {count} entries but holds {} bytes", body.len()));
+        return Err(format!(
+            "index file claims {count} entries but holds {} bytes",
+            body.len()
+        ));
     }
     let stored = le_u32(&head[12..16]);
     let computed = crc32fast::hash(body);
     if stored != computed {
-        return Err(format!("index checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"));
+        return Err(format!(
+            "index checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+        ));
     }
     Ok(body)
 }
@@ -225,10 +247,32 @@ mod tests {
     #[test]
     fn entries_are_sparse_and_floor_finds_the_nearest() {
         let index = sample();
-        assert_eq!(index.offsets.len(), 20, "one entry per 5 records of 1000 B at 4096 B intervals");
-        assert_eq!(index.floor(0), OffsetEntry { rel_offset: 0, position: 0 });
-        assert_eq!(index.floor(7), OffsetEntry { rel_offset: 5, position: 5000 });
-        assert_eq!(index.floor(99), OffsetEntry { rel_offset: 95, position: 95_000 });
+        assert_eq!(
+            index.offsets.len(),
+            20,
+            "one entry per 5 records of 1000 B at 4096 B intervals"
+        );
+        assert_eq!(
+            index.floor(0),
+            OffsetEntry {
+                rel_offset: 0,
+                position: 0
+            }
+        );
+        assert_eq!(
+            index.floor(7),
+            OffsetEntry {
+                rel_offset: 5,
+                position: 5000
+            }
+        );
+        assert_eq!(
+            index.floor(99),
+            OffsetEntry {
+                rel_offset: 95,
+                position: 95_000
+            }
+        );
     }
 
     #[test]
@@ -237,7 +281,13 @@ mod tests {
         // Records 30..40 have timestamp 1003; the scan must start at or before 30.
         let e = index.time_floor(1003);
         assert!(e.rel_offset <= 30, "{e:?}");
-        assert_eq!(index.time_floor(0), OffsetEntry { rel_offset: 0, position: 0 });
+        assert_eq!(
+            index.time_floor(0),
+            OffsetEntry {
+                rel_offset: 0,
+                position: 0
+            }
+        );
     }
 
     #[test]
@@ -245,12 +295,21 @@ mod tests {
         let index = sample();
         let offsets = index.encode_offsets();
         let times = index.encode_times();
-        assert_eq!(SegmentIndex::decode(&offsets, &times, 100_000).unwrap(), index);
-        assert!(SegmentIndex::decode(&offsets, &times, 50_000).is_err(), "entries past the end");
+        assert_eq!(
+            SegmentIndex::decode(&offsets, &times, 100_000).unwrap(),
+            index
+        );
+        assert!(
+            SegmentIndex::decode(&offsets, &times, 50_000).is_err(),
+            "entries past the end"
+        );
         for i in 0..offsets.len() {
             let mut bad = offsets.clone();
             bad[i] ^= 0x10;
-            assert!(SegmentIndex::decode(&bad, &times, 100_000).is_err(), "flip at {i}");
+            assert!(
+                SegmentIndex::decode(&bad, &times, 100_000).is_err(),
+                "flip at {i}"
+            );
         }
         assert!(SegmentIndex::decode(&offsets[..offsets.len() - 1], &times, 100_000).is_err());
         assert!(SegmentIndex::decode(&[], &times, 100_000).is_err());

@@ -18,7 +18,11 @@ use super::segment::{self, data_end, file_name, LOG_SUFFIX};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
     /// A torn tail that `open` truncates: not damage.
-    TornTail { position: u64, bytes: u64, reason: String },
+    TornTail {
+        position: u64,
+        bytes: u64,
+        reason: String,
+    },
     /// Damage `open` refuses (unless told to repair).
     Damaged { position: u64, reason: String },
 }
@@ -69,7 +73,9 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
     match fs::read(&checkpoint_path) {
         Ok(bytes) => match Checkpoint::decode(&bytes) {
             Ok(cp) => report.checkpoint = Some(cp),
-            Err(reason) => report.problems.push(format!("{}: {reason}", checkpoint_path.display())),
+            Err(reason) => report
+                .problems
+                .push(format!("{}: {reason}", checkpoint_path.display())),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StorageError::io(checkpoint_path)(e)),
@@ -77,7 +83,11 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
         let entry = entry.map_err(StorageError::io(dir))?;
-        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_file_name) {
+        if let Some(base) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_log_file_name)
+        {
             bases.push(base);
         }
     }
@@ -97,7 +107,9 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             if expected != base {
                 findings.push(Finding::Damaged {
                     position: 0,
-                    reason: format!("segment starts at offset {base} but the previous one ends at {expected}"),
+                    reason: format!(
+                        "segment starts at offset {base} but the previous one ends at {expected}"
+                    ),
                 });
             }
         }
@@ -122,10 +134,10 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
                 ));
             }
         } else if scan.valid_end != len {
-            let reason = scan
-                .damage
-                .as_ref()
-                .map_or_else(|| "zero-filled space inside a sealed segment".to_string(), |d| d.reason.clone());
+            let reason = scan.damage.as_ref().map_or_else(
+                || "zero-filled space inside a sealed segment".to_string(),
+                |d| d.reason.clone(),
+            );
             findings.push(Finding::Damaged {
                 position: scan.valid_end as u64,
                 reason,
@@ -152,14 +164,19 @@ impl fmt::Display for InspectReport {
                 f,
                 "checkpoint: offsets below {} durable, {}",
                 cp.durable_offset,
-                if cp.clean { "clean shutdown" } else { "not closed cleanly" }
+                if cp.clean {
+                    "clean shutdown"
+                } else {
+                    "not closed cleanly"
+                }
             )?,
             None => writeln!(f, "checkpoint: none")?,
         }
         for s in &self.segments {
-            let range = s
-                .offsets
-                .map_or_else(|| "empty".to_string(), |(a, b)| format!("offsets {a}..={b}"));
+            let range = s.offsets.map_or_else(
+                || "empty".to_string(),
+                |(a, b)| format!("offsets {a}..={b}"),
+            );
             writeln!(
                 f,
                 "{}  {} records  {range}  {} bytes",

@@ -122,7 +122,9 @@ impl SegmentMap {
     /// Makes `range` durable (msync with `MS_SYNC`).
     pub(crate) fn flush_range(&self, range: Range<usize>) -> io::Result<()> {
         match &self.raw {
-            Some(raw) if range.start < range.end => raw.flush_range(range.start, range.end - range.start),
+            Some(raw) if range.start < range.end => {
+                raw.flush_range(range.start, range.end - range.start)
+            }
             _ => Ok(()),
         }
     }
@@ -139,7 +141,13 @@ impl SegmentMap {
         // table entries; the contents stay in the page cache or the file, so
         // every live slice keeps reading the same bytes. The range is inside
         // the published, already flushed prefix.
-        unsafe { raw.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.end - range.start) }
+        unsafe {
+            raw.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                range.start,
+                range.end - range.start,
+            )
+        }
     }
 }
 

@@ -192,12 +192,27 @@ mod tests {
 
     #[test]
     fn contradictions_are_rejected() {
-        let cases: Vec<(fn(&mut Options), &str)> = vec![
+        type Change = fn(&mut Options);
+        let cases: Vec<(Change, &str)> = vec![
             (|o| o.segment_bytes = 1000, "segment_bytes"),
             (|o| o.segment_bytes = 1 << 40, "segment_bytes"),
-            (|o| { o.segment_bytes = 1 << 16; o.record_bytes_max = 1 << 20 }, "does not fit"),
+            (
+                |o| {
+                    o.segment_bytes = 1 << 16;
+                    o.record_bytes_max = 1 << 20
+                },
+                "does not fit",
+            ),
             (|o| o.record_bytes_max = 10, "record_bytes_max"),
-            (|o| o.flush = FlushMode::Async { interval_ms: 0, bytes: 1 }, "async"),
+            (
+                |o| {
+                    o.flush = FlushMode::Async {
+                        interval_ms: 0,
+                        bytes: 1,
+                    }
+                },
+                "async",
+            ),
             (|o| o.dedup.records_max = 1 << 40, "dedup.records_max"),
             (|o| o.index_interval_bytes = 0, "index_interval_bytes"),
             (|o| o.retention.bytes_max = Some(0), "retention"),

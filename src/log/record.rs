@@ -219,7 +219,12 @@ pub fn record_crc(header: &[u8; RECORD_HEADER_LEN], msg: &Message<'_>) -> u32 {
 
 /// Encodes a whole record into a fresh buffer (tests, tools; the log writes
 /// through [`encode_header`] and [`record_crc`] instead).
-pub fn encode_to_vec(offset: u64, timestamp_ms: u64, durable_lag: u32, msg: &Message<'_>) -> Vec<u8> {
+pub fn encode_to_vec(
+    offset: u64,
+    timestamp_ms: u64,
+    durable_lag: u32,
+    msg: &Message<'_>,
+) -> Vec<u8> {
     let key_len = msg.key.map_or(0, <[u8]>::len);
     let len = encoded_len(key_len, msg.headers.len(), msg.payload.len());
     let mut header = [0u8; RECORD_HEADER_LEN];
@@ -406,6 +411,9 @@ pub fn check_headers(block: &[u8]) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// One header: `(name, value)`.
+pub type Header<'a> = (&'a [u8], &'a [u8]);
+
 /// Iterates over the `(name, value)` pairs of a header block. Malformed
 /// bytes yield one error, after which the iterator ends.
 pub struct HeaderIter<'a> {
@@ -429,14 +437,14 @@ impl<'a> HeaderIter<'a> {
         }
     }
 
-    fn fail(&mut self, reason: &'static str) -> Option<Result<(&'a [u8], &'a [u8]), RecordError>> {
+    fn fail(&mut self, reason: &'static str) -> Option<Result<Header<'a>, RecordError>> {
         self.done = true;
         Some(Err(RecordError::Headers { reason }))
     }
 }
 
 impl<'a> Iterator for HeaderIter<'a> {
-    type Item = Result<(&'a [u8], &'a [u8]), RecordError>;
+    type Item = Result<Header<'a>, RecordError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
@@ -482,7 +490,10 @@ fn split_u16(buf: &[u8]) -> Option<(u16, &[u8])> {
 
 fn split_u32(buf: &[u8]) -> Option<(u32, &[u8])> {
     let (head, rest) = split_at_checked(buf, 4)?;
-    Some((u32::from_le_bytes([head[0], head[1], head[2], head[3]]), rest))
+    Some((
+        u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
+        rest,
+    ))
 }
 
 pub(crate) fn put_u32(dst: &mut [u8], at: usize, v: u32) {
@@ -529,15 +540,22 @@ mod tests {
         assert_eq!(rec.key, Some(&b"order-7"[..]));
         assert_eq!(rec.payload, b"hello");
         let pairs: Vec<_> = HeaderIter::new(rec.headers).map(Result::unwrap).collect();
-        assert_eq!(pairs, vec![(&b"origin"[..], &b"test"[..]), (&b"n"[..], &b"1"[..])]);
+        assert_eq!(
+            pairs,
+            vec![(&b"origin"[..], &b"test"[..]), (&b"n"[..], &b"1"[..])]
+        );
     }
 
     #[test]
     fn empty_key_differs_from_no_key() {
         let with_empty = encode_to_vec(0, 0, 0, &sample(Some(b""), b"", b"x"));
         let without = encode_to_vec(0, 0, 0, &sample(None, b"", b"x"));
-        let Decoded::Record(a) = decode(&with_empty).unwrap() else { panic!() };
-        let Decoded::Record(b) = decode(&without).unwrap() else { panic!() };
+        let Decoded::Record(a) = decode(&with_empty).unwrap() else {
+            panic!()
+        };
+        let Decoded::Record(b) = decode(&without).unwrap() else {
+            panic!()
+        };
         assert_eq!(a.key, Some(&b""[..]));
         assert_eq!(b.key, None);
     }
@@ -569,10 +587,19 @@ mod tests {
         put_u32(&mut bytes, LEN_OFFSET, u32::MAX);
         assert!(matches!(decode(&bytes), Err(RecordError::TooLong { .. })));
         put_u32(&mut bytes, LEN_OFFSET, 10);
-        assert!(matches!(decode(&bytes), Err(RecordError::TooShort { len: 10 })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(RecordError::TooShort { len: 10 })
+        ));
         put_u32(&mut bytes, LEN_OFFSET, 1000);
-        assert!(matches!(decode(&bytes), Err(RecordError::Truncated { need: 1000, .. })));
-        assert!(matches!(decode(&[1, 2]), Err(RecordError::Truncated { need: 4, have: 2 })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(RecordError::Truncated { need: 1000, .. })
+        ));
+        assert!(matches!(
+            decode(&[1, 2]),
+            Err(RecordError::Truncated { need: 4, have: 2 })
+        ));
     }
 
     #[test]
@@ -593,7 +620,10 @@ mod tests {
         assert!(check_message(&msg, 2000).is_ok());
         assert_eq!(
             check_message(&msg, 500),
-            Err(RecordError::TooLong { len: 1052, max: 500 })
+            Err(RecordError::TooLong {
+                len: 1052,
+                max: 500
+            })
         );
     }
 

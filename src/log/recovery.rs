@@ -51,7 +51,10 @@ impl Checkpoint {
 
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         if bytes.len() != CHECKPOINT_LEN {
-            return Err(format!("checkpoint is {} bytes, expected {CHECKPOINT_LEN}", bytes.len()));
+            return Err(format!(
+                "checkpoint is {} bytes, expected {CHECKPOINT_LEN}",
+                bytes.len()
+            ));
         }
         if &bytes[..8] != CHECKPOINT_MAGIC {
             return Err("checkpoint has the wrong magic".into());
@@ -124,7 +127,9 @@ pub fn scan_segment(bytes: &[u8], base_offset: u64, index_interval: u32, verify:
         let expected = scan.next_offset;
         let found = if verify {
             match record::decode(rest) {
-                Ok(Decoded::Record(r)) => Ok(Some((r.len, r.offset, r.timestamp_ms, r.durable_watermark))),
+                Ok(Decoded::Record(r)) => {
+                    Ok(Some((r.len, r.offset, r.timestamp_ms, r.durable_watermark)))
+                }
                 Ok(Decoded::Unwritten) => Ok(None),
                 Err(e) => Err(e.to_string()),
             }
@@ -157,7 +162,8 @@ pub fn scan_segment(bytes: &[u8], base_offset: u64, index_interval: u32, verify:
             break;
         }
         let rel = (offset - base_offset) as u32;
-        scan.index.observe(rel, position as u32, timestamp_ms, index_interval);
+        scan.index
+            .observe(rel, position as u32, timestamp_ms, index_interval);
         scan.first_timestamp_ms.get_or_insert(timestamp_ms);
         scan.last_timestamp_ms = Some(timestamp_ms);
         scan.durable_watermark = scan.durable_watermark.max(watermark);
@@ -204,7 +210,12 @@ pub struct AfterDamage {
 /// `expected_offset`, trying every byte position (a damaged length field
 /// hides where the next record starts). Cheap per position: a record must
 /// have a plausible length and offset before its checksum is computed.
-pub fn valid_records_after(bytes: &[u8], from: usize, to: usize, expected_offset: u64) -> AfterDamage {
+pub fn valid_records_after(
+    bytes: &[u8],
+    from: usize,
+    to: usize,
+    expected_offset: u64,
+) -> AfterDamage {
     let to = to.min(bytes.len());
     let mut found = AfterDamage::default();
     let mut position = from;
@@ -236,7 +247,11 @@ pub enum TailVerdict {
     Clean,
     /// A write torn by a crash: every byte from `from` to `to` lies past any
     /// offset known durable and no valid record follows; safe to clear.
-    Torn { from: usize, to: usize, reason: String },
+    Torn {
+        from: usize,
+        to: usize,
+        reason: String,
+    },
     /// Damage a crash cannot explain: data that had been durable, or a bad
     /// record with valid ones after it.
     Damaged {
@@ -249,7 +264,12 @@ pub enum TailVerdict {
 
 /// Classifies what lies in `bytes[scan.valid_end..dirty_end)`, given the
 /// highest offset known durable from outside the segment (the checkpoint).
-pub fn classify_tail(bytes: &[u8], scan: &Scan, dirty_end: usize, durable_bound: u64) -> TailVerdict {
+pub fn classify_tail(
+    bytes: &[u8],
+    scan: &Scan,
+    dirty_end: usize,
+    durable_bound: u64,
+) -> TailVerdict {
     let from = scan.valid_end;
     if dirty_end <= from {
         return TailVerdict::Clean;
@@ -260,7 +280,9 @@ pub fn classify_tail(bytes: &[u8], scan: &Scan, dirty_end: usize, durable_bound:
         |d| d.reason.clone(),
     );
     let after = valid_records_after(bytes, from + 1, dirty_end, expected);
-    let bound = durable_bound.max(scan.durable_watermark).max(after.durable_watermark);
+    let bound = durable_bound
+        .max(scan.durable_watermark)
+        .max(after.durable_watermark);
     if expected < bound {
         return TailVerdict::Damaged {
             from,
@@ -401,7 +423,10 @@ mod tests {
         let scan = scan_segment(&bytes, 0, 64, true);
         assert_eq!(scan.valid_end, end);
         assert!(scan.damage.is_some());
-        assert_eq!(valid_records_after(&bytes, end + 1, bytes.len(), 5).records, 0);
+        assert_eq!(
+            valid_records_after(&bytes, end + 1, bytes.len(), 5).records,
+            0
+        );
     }
 
     #[test]

@@ -70,7 +70,11 @@ pub(crate) struct SegmentRead {
 
 impl Segment {
     /// Creates and preallocates a new, empty active segment.
-    pub(crate) fn create(dir: &Path, base_offset: u64, capacity: u64) -> Result<(Arc<Segment>, MapWriter)> {
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: u64,
+        capacity: u64,
+    ) -> Result<(Arc<Segment>, MapWriter)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
         let file = File::options()
             .read(true)
@@ -98,8 +102,8 @@ impl Segment {
         capacity: usize,
         scan: Scan,
     ) -> Result<(Arc<Segment>, MapWriter)> {
-        let (map, writer) =
-            SegmentMap::open_append(&file, capacity, scan.valid_end).map_err(StorageError::io(&path))?;
+        let (map, writer) = SegmentMap::open_append(&file, capacity, scan.valid_end)
+            .map_err(StorageError::io(&path))?;
         let segment = Arc::new(Segment {
             base_offset,
             path,
@@ -145,7 +149,14 @@ impl Segment {
             }
             None => {
                 let scan = scan_segment(bytes, base_offset, index_interval, verify);
-                (scan.index.clone(), OffsetEntry { rel_offset: 0, position: 0 }, Some(scan))
+                (
+                    scan.index.clone(),
+                    OffsetEntry {
+                        rel_offset: 0,
+                        position: 0,
+                    },
+                    Some(scan),
+                )
             }
         };
         // Walk from the last index entry to the end: the segment must end
@@ -154,7 +165,10 @@ impl Segment {
         if tail.end != bytes.len() || scan.as_ref().is_some_and(|s| s.damage.is_some()) {
             let (position, reason) = match scan.as_ref().and_then(|s| s.damage.clone()) {
                 Some(d) => (d.position, d.reason),
-                None => (tail.end, "sealed segment does not end at a record boundary".to_string()),
+                None => (
+                    tail.end,
+                    "sealed segment does not end at a record boundary".to_string(),
+                ),
             };
             return Err(StorageError::Corrupt {
                 file: path,
@@ -250,7 +264,12 @@ impl Segment {
 
     /// Whole records from `offset`: at least one if any exists, then as many
     /// as fit in `max_records` and `max_bytes`.
-    pub(crate) fn read(self: &Arc<Self>, offset: u64, max_records: usize, max_bytes: usize) -> Result<Option<SegmentRead>> {
+    pub(crate) fn read(
+        self: &Arc<Self>,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Option<SegmentRead>> {
         let Some(start) = self.position_of(offset)? else {
             return Ok(None);
         };
@@ -258,9 +277,20 @@ impl Segment {
         let mut end = start;
         let mut records = 0usize;
         while records < max_records.max(1) {
-            let Some((len, _, _)) = bytes.get(end..).and_then(record::peek_header) else {
+            let Some((len, at, _)) = bytes.get(end..).and_then(record::peek_header) else {
                 break;
             };
+            if at != offset + records as u64 {
+                // A broken sequence: stop here; the caller's checksum
+                // verification of the next read reports the damage.
+                if records == 0 {
+                    return Err(self.corrupt(
+                        end,
+                        format!("record carries offset {at} where {offset} was expected"),
+                    ));
+                }
+                break;
+            }
             if records > 0 && end + len - start > max_bytes {
                 break;
             }
@@ -342,14 +372,19 @@ impl Segment {
         self.flush_to(end)?;
         drop(writer);
         let index = self.index().clone();
-        write_file_synced(&dir.join(file_name(self.base_offset, INDEX_SUFFIX)), &index.encode_offsets())?;
+        write_file_synced(
+            &dir.join(file_name(self.base_offset, INDEX_SUFFIX)),
+            &index.encode_offsets(),
+        )?;
         write_file_synced(
             &dir.join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
             &index.encode_times(),
         )?;
         // SAFETY of the truncation for readers is argued in mmap.rs: nothing
         // reads or writes past `published` == `end`.
-        self.file.set_len(end as u64).map_err(StorageError::io(&self.path))?;
+        self.file
+            .set_len(end as u64)
+            .map_err(StorageError::io(&self.path))?;
         self.file.sync_all().map_err(StorageError::io(&self.path))?;
         self.sealed.store(true, Ordering::Release);
         Ok(())
@@ -431,8 +466,13 @@ fn scan_tail(bytes: &[u8], base_offset: u64, from: OffsetEntry) -> Result<Tail, 
     })
 }
 
-fn load_index(dir: &Path, base_offset: u64, segment_len: u64) -> std::result::Result<SegmentIndex, String> {
-    let read = |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
+fn load_index(
+    dir: &Path,
+    base_offset: u64,
+    segment_len: u64,
+) -> std::result::Result<SegmentIndex, String> {
+    let read =
+        |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
     SegmentIndex::decode(&read(INDEX_SUFFIX)?, &read(TIME_INDEX_SUFFIX)?, segment_len)
 }
 
@@ -463,7 +503,10 @@ mod tests {
     fn file_names_round_trip() {
         assert_eq!(file_name(42, LOG_SUFFIX), "00000000000000000042.log");
         assert_eq!(parse_log_file_name("00000000000000000042.log"), Some(42));
-        assert_eq!(parse_log_file_name(&file_name(u64::MAX, LOG_SUFFIX)), Some(u64::MAX));
+        assert_eq!(
+            parse_log_file_name(&file_name(u64::MAX, LOG_SUFFIX)),
+            Some(u64::MAX)
+        );
         assert_eq!(parse_log_file_name("42.log"), None);
         assert_eq!(parse_log_file_name("0000000000000000004x.log"), None);
         assert_eq!(parse_log_file_name("00000000000000000042.index"), None);
