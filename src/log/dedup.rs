@@ -21,7 +21,7 @@
 //! - Inserts go to the current generation. When it holds `records_max` ids it
 //!   becomes the previous one and the old previous is dropped: together they
 //!   always cover every id in the ring.
-//! - The bloom filter (one 64-byte block per id, 4 bits per table slot) sits
+//! - The bloom filter (one 64-byte block per id, 8 bits per table slot) sits
 //!   in front of each table, so a miss, the common case, is usually decided
 //!   by two cache lines without probing.
 //! - Tables double as they fill, but the last step is cut to exactly
@@ -29,11 +29,14 @@
 //!   mask, so any size works): a full generation sits at load 0.75.
 //!
 //! Memory per id at a full window, measured by `bytes_used` in the tests and
-//! the dedup bench: 16 (ring) + 2 generations x (4 + 0.5) / 0.75 = 28 bytes.
+//! the dedup bench: 16 (ring) + 2 generations x (4 + 1) / 0.75 = 29.3 bytes
+//! at most (both generations full); 22-23 bytes with the current generation
+//! half full.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
+use super::mmap::prefetch;
 use super::options::DedupWindow;
 use super::record::InnerMsgId;
 
@@ -45,7 +48,7 @@ pub const AGE_BLOCK: u64 = 1024;
 const OFFSET_MASK: u64 = (1 << 31) - 1;
 const TABLE_SLOTS_MIN: usize = 1024;
 /// Bloom bits per table slot, and bits set per id.
-const BLOOM_BITS_PER_SLOT: usize = 4;
+const BLOOM_BITS_PER_SLOT: usize = 8;
 const BLOOM_HASHES: u32 = 4;
 const BLOOM_BLOCK_WORDS: usize = 8;
 
@@ -64,7 +67,7 @@ impl DedupIndex {
             window,
             hasher: foldhash::fast::RandomState::default(),
             ring: Ring::default(),
-            current: Generation::new(TABLE_SLOTS_MIN),
+            current: Generation::new(TABLE_SLOTS_MIN, 0),
             previous: None,
         }
     }
@@ -73,12 +76,33 @@ impl DedupIndex {
         self.window.records_max > 0
     }
 
+    /// The hash the window files `id` under; compute a batch's hashes first
+    /// and [`DedupIndex::prefetch`] a few ahead to overlap cache misses.
+    pub fn hash(&self, id: InnerMsgId) -> u64 {
+        self.hasher.hash_one(id.0)
+    }
+
+    /// Starts loading the cache lines a lookup and insert of `hash` touch.
+    pub fn prefetch(&self, hash: u64) {
+        if !self.enabled() {
+            return;
+        }
+        self.current.prefetch(hash);
+        if let Some(previous) = &self.previous {
+            previous.prefetch_bloom(hash);
+        }
+    }
+
     /// The offset the id was stored at, if it is in the window.
     pub fn lookup(&self, id: InnerMsgId) -> Option<u64> {
+        self.lookup_hashed(id, self.hash(id))
+    }
+
+    /// [`DedupIndex::lookup`] with the hash already computed.
+    pub fn lookup_hashed(&self, id: InnerMsgId, hash: u64) -> Option<u64> {
         if id.is_none() || !self.enabled() {
             return None;
         }
-        let hash = self.hasher.hash_one(id.0);
         self.current
             .find(hash, id.0, &self.ring)
             .or_else(|| self.previous.as_ref()?.find(hash, id.0, &self.ring))
@@ -88,6 +112,12 @@ impl DedupIndex {
     /// `timestamp_ms`. Offsets must arrive in increasing order; a gap (only
     /// at the first insert after a rebuild) restarts the window.
     pub fn insert(&mut self, id: InnerMsgId, offset: u64, timestamp_ms: u64) {
+        let hash = self.hash(id);
+        self.insert_hashed(id, hash, offset, timestamp_ms);
+    }
+
+    /// [`DedupIndex::insert`] with the hash already computed.
+    pub fn insert_hashed(&mut self, id: InnerMsgId, hash: u64, offset: u64, timestamp_ms: u64) {
         if !self.enabled() {
             return;
         }
@@ -96,14 +126,14 @@ impl DedupIndex {
             return;
         }
         if self.current.count as u64 >= self.window.records_max {
-            let full = std::mem::replace(&mut self.current, Generation::new(TABLE_SLOTS_MIN));
+            let full =
+                std::mem::replace(&mut self.current, Generation::new(TABLE_SLOTS_MIN, offset));
             self.previous = Some(full);
         }
-        let hash = self.hasher.hash_one(id.0);
         if (self.current.count + 1) * 4 > self.current.slots.len() * 3 {
             let slots_max = (self.window.records_max as usize * 4).div_ceil(3) + 1;
             let slots = (self.current.slots.len() * 2).min(slots_max);
-            self.current = self.current.grown(slots, &self.ring, &self.hasher);
+            self.current = self.current.grown(slots, offset, &self.ring, &self.hasher);
         }
         self.current.put(hash, offset);
     }
@@ -228,16 +258,34 @@ struct Generation {
     slots: Vec<u32>,
     count: usize,
     bloom: Vec<u64>,
+    /// The first offset inserted into this generation: its ids are the
+    /// non-zero ones in the ring from here on.
+    first_offset: u64,
 }
 
 impl Generation {
-    fn new(slot_count: usize) -> Self {
+    fn new(slot_count: usize, first_offset: u64) -> Self {
         let bloom_blocks = (slot_count * BLOOM_BITS_PER_SLOT).div_ceil(64 * BLOOM_BLOCK_WORDS);
         let bloom_words = bloom_blocks.max(1) * BLOOM_BLOCK_WORDS;
         Generation {
             slots: vec![0; slot_count],
             count: 0,
             bloom: vec![0; bloom_words],
+            first_offset,
+        }
+    }
+
+    fn prefetch(&self, hash: u64) {
+        self.prefetch_bloom(hash);
+        if let Some(slot) = self.slots.get(fast_range(hash, self.slots.len())) {
+            prefetch(slot);
+        }
+    }
+
+    fn prefetch_bloom(&self, hash: u64) {
+        let (base, _) = self.bloom_bits(hash);
+        if let Some(word) = self.bloom.get(base) {
+            prefetch(word);
         }
     }
 
@@ -296,20 +344,36 @@ impl Generation {
         self.count += 1;
     }
 
-    /// A larger table holding the entries still in the ring.
-    fn grown(&self, slots: usize, ring: &Ring, hasher: &foldhash::fast::RandomState) -> Generation {
-        let mut next = Generation::new(slots);
-        for &slot in &self.slots {
-            let Some(offset) = slot
-                .checked_sub(1)
-                .and_then(|low| ring.resolve(u64::from(low)))
-            else {
+    /// A larger table holding this generation's ids still in the ring,
+    /// rebuilt by walking the ring in order (sequential reads) and
+    /// prefetching each new slot a few ids ahead, rather than rehashing the
+    /// old table's slots in random order. `end` is the offset being inserted.
+    fn grown(
+        &self,
+        slots: usize,
+        end: u64,
+        ring: &Ring,
+        hasher: &foldhash::fast::RandomState,
+    ) -> Generation {
+        const AHEAD: usize = 16;
+        let mut next = Generation::new(slots, self.first_offset);
+        let mut pending: std::collections::VecDeque<(u64, u64)> =
+            std::collections::VecDeque::with_capacity(AHEAD);
+        for offset in self.first_offset.max(ring.start)..end.min(ring.end) {
+            let Some(id) = ring.get(offset).filter(|&id| id != 0) else {
                 continue;
             };
-            match ring.get(offset) {
-                Some(id) if id != 0 => next.put(hasher.hash_one(id), offset),
-                _ => {}
+            let hash = hasher.hash_one(id);
+            next.prefetch(hash);
+            pending.push_back((hash, offset));
+            if pending.len() == AHEAD {
+                if let Some((h, o)) = pending.pop_front() {
+                    next.put(h, o);
+                }
             }
+        }
+        for (h, o) in pending {
+            next.put(h, o);
         }
         next
     }

@@ -21,6 +21,8 @@
 //! - Another bida process cannot open the directory (the log holds an
 //!   exclusive lock on it). Other programs writing the files under a live log
 //!   are outside what any mmap-based store can defend against.
+//!
+//! It also holds [`prefetch`], the one other memory hint the engine uses.
 
 use std::fs::File;
 use std::io;
@@ -30,6 +32,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+
+/// Asks the CPU to start loading the cache line holding `value`. A hint
+/// only: it cannot fault or change memory, so it is safe for any reference.
+/// The dedup window uses it to overlap the cache misses of a batch.
+#[inline]
+pub(crate) fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; a
+    // prefetch of any address never faults and has no visible effect.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+            (value as *const T).cast::<i8>(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
 
 /// A mapped segment file.
 pub(crate) struct SegmentMap {
@@ -125,6 +144,20 @@ impl SegmentMap {
             Some(raw) if range.start < range.end => {
                 raw.flush_range(range.start, range.end - range.start)
             }
+            _ => Ok(()),
+        }
+    }
+
+    /// Faults `range` in writable ahead of the writer, so appends do not
+    /// take a page fault (and a zero-fill) per page. Contents are unchanged.
+    /// Fails with `EINVAL` on kernels older than 5.14.
+    pub(crate) fn populate_for_write(&self, range: Range<usize>) -> io::Result<()> {
+        match &self.raw {
+            Some(raw) if range.start < range.end && range.end <= self.capacity => raw.advise_range(
+                memmap2::Advice::PopulateWrite,
+                range.start,
+                range.end - range.start,
+            ),
             _ => Ok(()),
         }
     }

@@ -50,6 +50,9 @@ use segment::{Segment, LOG_SUFFIX};
 pub const LOCK_FILE: &str = "LOCK";
 /// Dropped pages are released in steps of at least this many bytes.
 const RELEASE_STEP_BYTES: usize = 8 << 20;
+/// How many messages ahead of the one being appended the dedup window's
+/// cache lines are prefetched.
+const DEDUP_PREFETCH_AHEAD: usize = 8;
 /// Longest the background thread sleeps between checks.
 const BACKGROUND_TICK_MS: u64 = 50;
 
@@ -183,7 +186,8 @@ pub struct RetentionReport {
 /// closing is treated like a crash by the next open (the tail is verified).
 pub struct Log {
     inner: Arc<Inner>,
-    background: Option<JoinHandle<()>>,
+    /// The background and prefault threads.
+    background: Vec<JoinHandle<()>>,
 }
 
 struct Inner {
@@ -199,7 +203,12 @@ struct Inner {
     appended_bytes: AtomicU64,
     flushed_bytes: AtomicU64,
     flush_requested: AtomicBool,
+    prefault_requested: AtomicBool,
+    /// Cleared when the kernel refuses to prefault.
+    prefault_enabled: AtomicBool,
     signal: Sender<Signal>,
+    /// Wakes the prefault thread (`Signal::Flush` means "look again").
+    prefault_signal: Sender<Signal>,
     report: RecoveryReport,
 }
 
@@ -258,6 +267,8 @@ impl Log {
         log_report(&dir, &report);
 
         let (signal, receiver) = crossbeam_channel::bounded(1);
+        let (prefault_signal, prefault_receiver) = crossbeam_channel::bounded(1);
+        let prefault_enabled = AtomicBool::new(options.prefault_bytes > 0);
         let inner = Arc::new(Inner {
             dir,
             options,
@@ -275,19 +286,32 @@ impl Log {
             appended_bytes: AtomicU64::new(0),
             flushed_bytes: AtomicU64::new(0),
             flush_requested: AtomicBool::new(false),
+            prefault_requested: AtomicBool::new(false),
+            prefault_enabled,
             signal,
+            prefault_signal,
             report,
         });
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(body)
+                .map_err(StorageError::io("<thread spawn>"))
+        };
         let background = {
             let inner = Arc::clone(&inner);
-            std::thread::Builder::new()
-                .name("bida-log-bg".into())
-                .spawn(move || background(inner, receiver))
-                .map_err(StorageError::io("<thread spawn>"))?
+            spawn("bida-log-bg", Box::new(move || background(inner, receiver)))?
+        };
+        let prefaulter = {
+            let inner = Arc::clone(&inner);
+            spawn(
+                "bida-log-prefault",
+                Box::new(move || prefaulter(inner, prefault_receiver)),
+            )?
         };
         Ok(Log {
             inner,
-            background: Some(background),
+            background: vec![background, prefaulter],
         })
     }
 
@@ -430,8 +454,12 @@ impl Log {
     }
 
     fn stop_background(&mut self) {
-        if let Some(handle) = self.background.take() {
-            let _ = self.inner.signal.send(Signal::Stop);
+        if self.background.is_empty() {
+            return;
+        }
+        let _ = self.inner.signal.send(Signal::Stop);
+        let _ = self.inner.prefault_signal.send(Signal::Stop);
+        for handle in self.background.drain(..) {
             let _ = handle.join();
         }
     }
@@ -476,8 +504,23 @@ impl Inner {
         // once per record.
         let mut active = Arc::clone(&w.active);
         let mut index = active.index();
-        for (msg, &len) in batch.iter().zip(&lens) {
-            if let Some(offset) = w.dedup.lookup(msg.id) {
+        // Hash every id first and prefetch a few messages ahead: the window
+        // is far larger than the cache, and overlapping its misses is most
+        // of the cost of deduplication.
+        let hashes: Vec<u64> = if w.dedup.enabled() {
+            batch.iter().map(|m| w.dedup.hash(m.id)).collect()
+        } else {
+            Vec::new()
+        };
+        for &hash in hashes.iter().take(DEDUP_PREFETCH_AHEAD) {
+            w.dedup.prefetch(hash);
+        }
+        for (i, (msg, &len)) in batch.iter().zip(&lens).enumerate() {
+            if let Some(&ahead) = hashes.get(i + DEDUP_PREFETCH_AHEAD) {
+                w.dedup.prefetch(ahead);
+            }
+            let hash = hashes.get(i).copied().unwrap_or(0);
+            if let Some(offset) = w.dedup.lookup_hashed(msg.id, hash) {
                 outcomes.push(AppendOutcome {
                     offset,
                     duplicate: true,
@@ -518,7 +561,7 @@ impl Inner {
                 now,
                 interval,
             );
-            w.dedup.insert(msg.id, offset, now);
+            w.dedup.insert_hashed(msg.id, hash, offset, now);
             w.next_offset += 1;
             appended_bytes += len as u64;
             first_ts.get_or_insert(now);
@@ -534,7 +577,13 @@ impl Inner {
             w.active.note_appended(w.next_offset, first, now);
         }
         let durable_target = w.next_offset;
+        let prefault = self.prefault_enabled.load(Ordering::Relaxed)
+            && w.active
+                .wants_prefault(w.map.cursor(), self.options.prefault_bytes as usize);
         drop(guard);
+        if prefault && !self.prefault_requested.swap(true, Ordering::AcqRel) {
+            let _ = self.prefault_signal.try_send(Signal::Flush);
+        }
         if appended_bytes > 0 {
             self.note_appended_bytes(appended_bytes);
         }
@@ -597,6 +646,28 @@ impl Inner {
             segment.release_cold_pages(hot, RELEASE_STEP_BYTES);
         }
         Ok(next_offset)
+    }
+
+    /// Keeps `prefault_bytes` ahead of the writer faulted in. Runs on the
+    /// background thread, so the zero-fill of fresh pages is paid on the
+    /// other core instead of in the append path.
+    fn prefault_ahead(&self) {
+        self.prefault_requested.store(false, Ordering::Release);
+        if !self.prefault_enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let window = self.options.prefault_bytes as usize;
+        let (segment, cursor) = {
+            let w = self.lock_writer();
+            (Arc::clone(&w.active), w.map.cursor())
+        };
+        if !segment.wants_prefault(cursor, window) {
+            return;
+        }
+        if let Err(e) = segment.prefault(cursor, window) {
+            tracing::info!(error = %e, "prefaulting is not available; appends fault pages in themselves");
+            self.prefault_enabled.store(false, Ordering::Relaxed);
+        }
     }
 
     fn apply_retention(&self, now_ms: u64) -> Result<RetentionReport> {
@@ -698,6 +769,19 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
                 tracing::warn!(error = %e, "retention failed");
             }
             last_retention = Instant::now();
+        }
+    }
+}
+
+/// The prefault thread: keeps pages ahead of the writer faulted in, so the
+/// zero-fill of fresh file pages runs on the other core. Apart from the
+/// background thread because an async flush can block that one for tens of
+/// milliseconds, long enough for the writer to run out of faulted pages.
+fn prefaulter(inner: Arc<Inner>, signals: Receiver<Signal>) {
+    loop {
+        match signals.recv_timeout(Duration::from_millis(BACKGROUND_TICK_MS)) {
+            Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Signal::Flush) | Err(RecvTimeoutError::Timeout) => inner.prefault_ahead(),
         }
     }
 }

@@ -86,6 +86,11 @@ pub struct Options {
     /// without bound (it slows writes badly on some machines). `None` keeps
     /// everything mapped. Default: 64 MiB.
     pub page_cache_hot_bytes: Option<u64>,
+    /// The background thread keeps this many bytes ahead of the writer
+    /// faulted in (`MADV_POPULATE_WRITE`), so appends do not stop on a page
+    /// fault and a zero-fill per page. Zero turns it off; kernels before 5.14
+    /// turn it off by themselves. Default: 32 MiB.
+    pub prefault_bytes: u64,
     /// Verify every record checksum of sealed segments at open (slow for
     /// large logs; reads verify checksums anyway). Default: false.
     pub verify_sealed_on_open: bool,
@@ -121,6 +126,7 @@ impl Default for Options {
             recovery: RecoveryMode::TolerateTornTail,
             checkpoint_interval_ms: 1000,
             page_cache_hot_bytes: Some(64 << 20),
+            prefault_bytes: 32 << 20,
             verify_sealed_on_open: false,
             retention_check_interval_ms: 10_000,
         }

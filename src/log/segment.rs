@@ -55,6 +55,8 @@ pub(crate) struct Segment {
     flushed: AtomicUsize,
     /// Bytes below which this process's page mappings were dropped.
     released: AtomicUsize,
+    /// Bytes faulted in ahead of the writer.
+    populated: AtomicUsize,
     first_timestamp_ms: AtomicU64,
     last_timestamp_ms: AtomicU64,
     sealed: AtomicBool,
@@ -113,6 +115,7 @@ impl Segment {
             index: Mutex::new(scan.index),
             flushed: AtomicUsize::new(scan.valid_end),
             released: AtomicUsize::new(0),
+            populated: AtomicUsize::new(0),
             first_timestamp_ms: AtomicU64::new(scan.first_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             last_timestamp_ms: AtomicU64::new(scan.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(false),
@@ -190,6 +193,7 @@ impl Segment {
             index: Mutex::new(index),
             flushed: AtomicUsize::new(len as usize),
             released: AtomicUsize::new(0),
+            populated: AtomicUsize::new(len as usize),
             first_timestamp_ms: AtomicU64::new(first_ts),
             last_timestamp_ms: AtomicU64::new(tail.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(true),
@@ -336,6 +340,28 @@ impl Segment {
             .flush_range(page_start..end)
             .map_err(StorageError::io(&self.path))?;
         self.flushed.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// True when the writer at `cursor` is within half of `window` of the end
+    /// of the prefaulted range.
+    pub(crate) fn wants_prefault(&self, cursor: usize, window: usize) -> bool {
+        let populated = self.populated.load(Ordering::Acquire);
+        populated < self.map.capacity() && cursor + window / 2 >= populated
+    }
+
+    /// Faults in `[cursor, cursor + window)` (the part not yet faulted in).
+    pub(crate) fn prefault(&self, cursor: usize, window: usize) -> std::io::Result<()> {
+        let from = self
+            .populated
+            .load(Ordering::Acquire)
+            .max(cursor - cursor % PAGE_BYTES);
+        let to = (cursor + window).min(self.map.capacity());
+        if from >= to {
+            return Ok(());
+        }
+        self.map.populate_for_write(from..to)?;
+        self.populated.fetch_max(to, Ordering::AcqRel);
         Ok(())
     }
 
