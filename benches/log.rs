@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bida::log::{FlushMode, InnerMsgId, Log, Message, Options, Retention};
+use bida::log::{FlushMode, InnerMsgId, Log, Message, Options, Retention, WritePath};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn bench_dir() -> tempfile::TempDir {
@@ -18,8 +18,16 @@ fn bench_dir() -> tempfile::TempDir {
 }
 
 fn options(flush: FlushMode) -> Options {
+    options_with(flush, WritePath::Pwrite)
+}
+
+const WRITE_PATHS: [(&str, WritePath); 2] =
+    [("pwrite", WritePath::Pwrite), ("mmap", WritePath::Mmap)];
+
+fn options_with(flush: FlushMode, write_path: WritePath) -> Options {
     Options {
         flush,
+        write_path,
         segment_bytes: 1 << 30,
         // Keep the disk from filling during long runs.
         retention: Retention {
@@ -52,15 +60,18 @@ fn append_batch(log: &Log, payload: &[u8], batch: usize) {
 }
 
 fn append(c: &mut Criterion) {
-    for (mode_name, mode) in [("async", ASYNC), ("sync", FlushMode::Sync)] {
-        let mut group = c.benchmark_group(format!("append/{mode_name}"));
+    let modes = [("async", ASYNC), ("sync", FlushMode::Sync)];
+    for ((mode_name, mode), (path_name, path)) in
+        modes.into_iter().flat_map(|m| WRITE_PATHS.map(|p| (m, p)))
+    {
+        let mut group = c.benchmark_group(format!("append/{mode_name}/{path_name}"));
         group.warm_up_time(Duration::from_secs(1));
         group.measurement_time(Duration::from_secs(3));
         group.sample_size(10);
         for size in [100usize, 1024, 16 << 10] {
             for batch in [1usize, 64, 1024] {
                 let dir = bench_dir();
-                let log = Log::open(dir.path(), options(mode)).unwrap();
+                let log = Log::open(dir.path(), options_with(mode, path)).unwrap();
                 let payload = vec![0x5a; size];
                 group.throughput(Throughput::Elements(batch as u64));
                 group.bench_with_input(

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bida::log::record::{encode_headers, InnerMsgId, Message};
-use bida::log::{DedupWindow, FlushMode, Log, Options, RecoveryMode, StorageError};
+use bida::log::{DedupWindow, FlushMode, Log, Options, RecoveryMode, StorageError, WritePath};
 use proptest::prelude::*;
 use support::*;
 
@@ -23,11 +23,13 @@ proptest! {
         rounds in proptest::collection::vec(
             (proptest::collection::vec(proptest::collection::vec((any::<bool>(), 0usize..3000), 1..40), 1..6), any::<bool>()),
             1..4),
+        through_map in any::<bool>(),
     ) {
+        let opts = options_for(if through_map { WritePath::Mmap } else { WritePath::Pwrite });
         let dir = tempfile::tempdir().unwrap();
         let mut expected: Vec<(Option<Vec<u8>>, Vec<u8>)> = Vec::new();
         for (batches, clean) in rounds {
-            let log = Log::open(dir.path(), options()).unwrap();
+            let log = Log::open(dir.path(), opts.clone()).unwrap();
             for batch in batches {
                 let parts: Vec<(Option<Vec<u8>>, Vec<u8>)> = batch.iter().enumerate().map(|(j, &(keyed, len))| {
                     let n = expected.len() as u64 + j as u64;
@@ -45,7 +47,7 @@ proptest! {
             }
             if clean { log.close().unwrap(); } else { drop(log); }
         }
-        let log = Log::open(dir.path(), options()).unwrap();
+        let log = Log::open(dir.path(), opts).unwrap();
         let records = read_all(&log);
         prop_assert_eq!(records.len(), expected.len());
         for (i, (r, (k, p))) in records.iter().zip(&expected).enumerate() {
@@ -60,6 +62,13 @@ proptest! {
 /// preallocated file keeps its size) and by truncating the file.
 #[test]
 fn torn_last_record_is_truncated_at_every_length() {
+    for write_path in WRITE_PATHS {
+        torn_last_record_is_truncated_at_every_length_with(options_for(write_path));
+    }
+}
+
+fn torn_last_record_is_truncated_at_every_length_with(options: Options) {
+    let options = || options.clone();
     let source = tempfile::tempdir().unwrap();
     let len = 200;
     let written = {
@@ -158,7 +167,11 @@ fn garbage_or_zeros_after_the_last_record_are_cut() {
 /// naming the file and position; repair mode cuts there and says so.
 #[test]
 fn flipped_bit_in_a_middle_record_fails_open_or_is_repaired() {
-    for clean in [true, false] {
+    for (clean, write_path) in [true, false]
+        .into_iter()
+        .flat_map(|c| WRITE_PATHS.map(|w| (c, w)))
+    {
+        let options = || options_for(write_path);
         let dir = tempfile::tempdir().unwrap();
         let len = 100;
         {
@@ -182,7 +195,7 @@ fn flipped_bit_in_a_middle_record_fails_open_or_is_repaired() {
         }
         let repair = Options {
             recovery: RecoveryMode::Repair,
-            ..options()
+            ..options_for(write_path)
         };
         let log = Log::open(dir.path(), repair).unwrap();
         assert_eq!(log.next_offset(), 12);
@@ -560,7 +573,13 @@ fn sigkill_during_sync_appends_loses_nothing_acknowledged() {
                 "--size",
                 "120",
             ])
-            .args(["--segment-bytes", "65536", "--data"])
+            .args([
+                "--segment-bytes",
+                "65536",
+                "--write-path",
+                ["pwrite", "mmap"][round % 2],
+                "--data",
+            ])
             .arg(dir.path())
             .env("BIDA_LOG", "error")
             .stdout(Stdio::piped())

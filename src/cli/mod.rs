@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use bida::log::{FlushMode, Options};
+use bida::log::{FlushMode, Options, WritePath};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,6 +41,15 @@ pub enum FlushArg {
     Async,
 }
 
+/// How appended bytes reach the segment file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WritePathArg {
+    /// Staged, then one pwrite per append call (the default: faster here).
+    Pwrite,
+    /// Copied into the shared memory map.
+    Mmap,
+}
+
 /// Options shared by the subcommands that open a log.
 #[derive(clap::Args, Debug)]
 pub struct LogArgs {
@@ -53,6 +62,9 @@ pub struct LogArgs {
     /// Size each segment file is preallocated to.
     #[arg(long, default_value_t = 1 << 30)]
     segment_bytes: u64,
+    /// How appended bytes reach the segment file.
+    #[arg(long, value_enum, default_value_t = WritePathArg::Pwrite)]
+    write_path: WritePathArg,
 }
 
 /// Async flush defaults of the CLI: the loss window on a crash.
@@ -68,6 +80,10 @@ impl LogArgs {
                     interval_ms: ASYNC_FLUSH_INTERVAL_MS,
                     bytes: ASYNC_FLUSH_BYTES,
                 },
+            },
+            write_path: match self.write_path {
+                WritePathArg::Pwrite => WritePath::Pwrite,
+                WritePathArg::Mmap => WritePath::Mmap,
             },
             segment_bytes: self.segment_bytes,
             // Small segments for experiments still take the largest record

@@ -30,6 +30,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::os::unix::fs::FileExt;
+
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
 
@@ -64,21 +66,46 @@ pub(crate) struct SegmentMap {
 pub(crate) struct MapWriter {
     map: Arc<SegmentMap>,
     cursor: usize,
+    sink: Sink,
+}
+
+/// How appended bytes reach the file.
+enum Sink {
+    /// Copied into the shared mapping.
+    Map,
+    /// Staged in memory and written with one `pwrite` per publish; the
+    /// mapping (coherent with the page cache) is only read.
+    File { file: Arc<File>, staged: Vec<u8> },
 }
 
 impl SegmentMap {
-    /// Maps `file` read-write for appending; `published` bytes are already
-    /// valid, and the returned writer continues after them.
+    /// Maps `file` for appending; `published` bytes are already valid, and
+    /// the returned writer continues after them. With `write_file` the
+    /// writer writes through the file (`pwrite`) and the map is read-only;
+    /// otherwise it copies into a read-write map.
     pub(crate) fn open_append(
-        file: &File,
+        file: &Arc<File>,
         capacity: usize,
         published: usize,
+        write_file: bool,
     ) -> io::Result<(Arc<SegmentMap>, MapWriter)> {
         assert!(published <= capacity, "published beyond capacity");
-        let raw = if capacity == 0 {
-            None
+        let raw = match (capacity, write_file) {
+            (0, _) => None,
+            (_, true) => Some(
+                MmapOptions::new()
+                    .len(capacity)
+                    .map_raw_read_only(&**file)?,
+            ),
+            (_, false) => Some(MmapOptions::new().len(capacity).map_raw(&**file)?),
+        };
+        let sink = if write_file {
+            Sink::File {
+                file: Arc::clone(file),
+                staged: Vec::new(),
+            }
         } else {
-            Some(MmapOptions::new().len(capacity).map_raw(file)?)
+            Sink::Map
         };
         let map = Arc::new(SegmentMap {
             raw,
@@ -88,6 +115,7 @@ impl SegmentMap {
         let writer = MapWriter {
             map: Arc::clone(&map),
             cursor: published,
+            sink,
         };
         Ok((map, writer))
     }
@@ -207,30 +235,56 @@ impl MapWriter {
         self.map.capacity - self.cursor
     }
 
-    /// Copies `src` at the cursor and advances it. The caller checks room
-    /// first; running past the end is a bug, so it panics.
+    /// Appends `src` at the cursor and advances it (readable after
+    /// `publish`). The caller checks room first; running past the end is a
+    /// bug, so it panics.
     pub(crate) fn write(&mut self, src: &[u8]) {
         let at = self.cursor;
-        self.write_at(at, src);
+        assert!(
+            at + src.len() <= self.map.capacity,
+            "write past the end of the segment"
+        );
+        match &mut self.sink {
+            Sink::Map => self.write_at(at, src),
+            Sink::File { staged, .. } => staged.extend_from_slice(src),
+        }
         self.cursor += src.len();
     }
 
     /// Writes zeros over `[cursor, end)` without moving the cursor: recovery
     /// clears a torn tail so later scans stop where appends resume.
-    pub(crate) fn zero_to(&mut self, end: usize) {
+    pub(crate) fn zero_to(&mut self, end: usize) -> io::Result<()> {
         let end = end.min(self.map.capacity);
         let mut at = self.cursor;
         const ZEROS: [u8; 4096] = [0; 4096];
         while at < end {
             let n = (end - at).min(ZEROS.len());
-            self.write_at(at, &ZEROS[..n]);
+            match &self.sink {
+                Sink::Map => self.write_at(at, &ZEROS[..n]),
+                Sink::File { file, .. } => file.write_all_at(&ZEROS[..n], at as u64)?,
+            }
             at += n;
         }
+        Ok(())
     }
 
-    /// Makes everything written so far readable.
-    pub(crate) fn publish(&mut self) {
+    /// Makes everything written so far readable. Under the file sink this is
+    /// where the staged bytes are written; if that fails they are dropped
+    /// and the cursor goes back to the published end.
+    pub(crate) fn publish(&mut self) -> io::Result<()> {
+        let published = self.map.published.load(Ordering::Relaxed);
+        if let Sink::File { file, staged } = &mut self.sink {
+            if !staged.is_empty() {
+                let written = file.write_all_at(staged, published as u64);
+                staged.clear();
+                if let Err(e) = written {
+                    self.cursor = published;
+                    return Err(e);
+                }
+            }
+        }
         self.map.published.store(self.cursor, Ordering::Release);
+        Ok(())
     }
 
     fn write_at(&mut self, at: usize, src: &[u8]) {
@@ -259,9 +313,7 @@ impl MapWriter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn readers_see_only_published_bytes() {
-        let dir = tempfile::tempdir().unwrap();
+    fn file(dir: &tempfile::TempDir) -> Arc<File> {
         let file = File::options()
             .read(true)
             .write(true)
@@ -270,31 +322,35 @@ mod tests {
             .open(dir.path().join("m"))
             .unwrap();
         file.set_len(4096).unwrap();
-        let (map, mut writer) = SegmentMap::open_append(&file, 4096, 0).unwrap();
-        writer.write(b"hello");
-        assert_eq!(map.bytes(), b"");
-        assert!(map.view(0..5).is_none());
-        writer.publish();
-        assert_eq!(map.bytes(), b"hello");
-        let view = map.view(1..4).unwrap();
-        drop(writer);
-        drop(map);
-        assert_eq!(&view[..], b"ell", "a view keeps the mapping alive");
+        Arc::new(file)
+    }
+
+    #[test]
+    fn readers_see_only_published_bytes() {
+        for write_file in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (map, mut writer) =
+                SegmentMap::open_append(&file(&dir), 4096, 0, write_file).unwrap();
+            writer.write(b"hello");
+            assert_eq!(map.bytes(), b"");
+            assert!(map.view(0..5).is_none());
+            writer.publish().unwrap();
+            assert_eq!(map.bytes(), b"hello", "write_file {write_file}");
+            writer.write(b" world");
+            writer.publish().unwrap();
+            assert_eq!(map.bytes(), b"hello world", "write_file {write_file}");
+            let view = map.view(1..4).unwrap();
+            drop(writer);
+            drop(map);
+            assert_eq!(&view[..], b"ell", "a view keeps the mapping alive");
+        }
     }
 
     #[test]
     #[should_panic(expected = "past the end of the segment")]
     fn writes_cannot_run_past_the_map() {
         let dir = tempfile::tempdir().unwrap();
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
-        file.set_len(4096).unwrap();
-        let (_map, mut writer) = SegmentMap::open_append(&file, 4096, 4090).unwrap();
+        let (_map, mut writer) = SegmentMap::open_append(&file(&dir), 4096, 4090, true).unwrap();
         writer.write(b"0123456789");
     }
 }

@@ -36,7 +36,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 pub use dedup::DedupIndex;
 pub use error::{Result, StorageError};
-pub use options::{DedupWindow, FlushMode, Options, RecoveryMode, Retention};
+pub use options::{DedupWindow, FlushMode, Options, RecoveryMode, Retention, WritePath};
 pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
 
@@ -534,7 +534,7 @@ impl Inner {
             if w.map.remaining() < len || too_old {
                 // Publish what this batch wrote so far before sealing.
                 drop(index);
-                w.map.publish();
+                self.publish(w)?;
                 w.active
                     .note_appended(w.next_offset, first_ts.unwrap_or(now), now);
                 first_ts = None;
@@ -571,7 +571,7 @@ impl Inner {
             });
         }
         drop(index);
-        w.map.publish();
+        self.publish(w)?;
         w.last_timestamp_ms = now;
         if let Some(first) = first_ts {
             w.active.note_appended(w.next_offset, first, now);
@@ -593,6 +593,19 @@ impl Inner {
         })
     }
 
+    /// Makes the writer's bytes readable. A failure here (an I/O error
+    /// writing into preallocated space) leaves records counted but not
+    /// stored, so the writer refuses everything after it.
+    fn publish(&self, w: &mut Writer) -> Result<()> {
+        if let Err(e) = w.map.publish() {
+            let reason = format!("writing to {} failed: {e}", w.active.path.display());
+            w.broken = Some(reason.clone());
+            self.group.fail(reason);
+            return Err(StorageError::io(&w.active.path)(e));
+        }
+        Ok(())
+    }
+
     fn note_appended_bytes(&self, bytes: u64) {
         let total = self.appended_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
         if let FlushMode::Async {
@@ -609,7 +622,12 @@ impl Inner {
     /// Seals the active segment and starts a new one at the next offset.
     fn roll(&self, w: &mut Writer) -> Result<()> {
         let base = w.next_offset;
-        let (segment, map) = Segment::create(&self.dir, base, self.options.segment_bytes)?;
+        let (segment, map) = Segment::create(
+            &self.dir,
+            base,
+            self.options.segment_bytes,
+            self.options.write_path,
+        )?;
         let old_map = std::mem::replace(&mut w.map, map);
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
         if let Err(e) = old.seal(&self.dir, old_map) {
@@ -806,7 +824,7 @@ fn open_segments(
                 reason: "the checkpoint records durable data but no segment file exists".into(),
             });
         }
-        let (segment, map) = Segment::create(dir, 0, options.segment_bytes)?;
+        let (segment, map) = Segment::create(dir, 0, options.segment_bytes, options.write_path)?;
         return Ok((vec![Arc::clone(&segment)], (segment, map)));
     }
     let mut segments: Vec<Arc<Segment>> = Vec::new();
@@ -927,9 +945,11 @@ fn open_active(
     report.records_verified += scan.records;
     report.bytes_verified += scan.valid_end as u64;
     let valid_end = scan.valid_end;
-    let (segment, mut map) = Segment::active_from_scan(path, file, base, capacity, scan)?;
+    let (segment, mut map) =
+        Segment::active_from_scan(path, file, base, capacity, scan, options.write_path)?;
     if let Some(dirty_end) = cut {
-        map.zero_to(dirty_end);
+        map.zero_to(dirty_end)
+            .map_err(StorageError::io(&segment.path))?;
         segment::Segment::flush_to(&segment, dirty_end)?;
         report.bytes_truncated += (dirty_end - valid_end) as u64;
     }

@@ -16,6 +16,22 @@ pub enum FlushMode {
     Async { interval_ms: u64, bytes: u64 },
 }
 
+/// How appended bytes reach the active segment file. Reads always go
+/// through the shared map, which is coherent with the page cache either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePath {
+    /// Records are staged in memory and written with one `pwrite` per append
+    /// call; flushes are `fdatasync`. Measured faster on ext4 (see
+    /// docs/BENCHMARKS.md): a full-page write needs no zero-fill, and
+    /// writeback does not have to write-protect mapped pages again.
+    Pwrite,
+    /// Records are copied into the shared map; flushes are `msync`. Cheapest
+    /// per call (no syscall), but each fresh page faults and is zero-filled
+    /// (a prefault thread moves that off the append path), and writeback of
+    /// mapped pages costs TLB shootdowns.
+    Mmap,
+}
+
 /// What `open` does when the bytes on disk are not all valid records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryMode {
@@ -60,6 +76,8 @@ pub struct DedupWindow {
 pub struct Options {
     /// Default: `FlushMode::Sync`.
     pub flush: FlushMode,
+    /// Default: `WritePath::Pwrite`.
+    pub write_path: WritePath,
     /// Size each segment file is preallocated to; a segment rolls when the
     /// next record does not fit. Default: 1 GiB. Range: 64 KiB ..= 4 GiB - 1.
     pub segment_bytes: u64,
@@ -86,7 +104,7 @@ pub struct Options {
     /// without bound (it slows writes badly on some machines). `None` keeps
     /// everything mapped. Default: 64 MiB.
     pub page_cache_hot_bytes: Option<u64>,
-    /// The background thread keeps this many bytes ahead of the writer
+    /// Under `WritePath::Mmap`, a thread keeps this many bytes ahead of the writer
     /// faulted in (`MADV_POPULATE_WRITE`), so appends do not stop on a page
     /// fault and a zero-fill per page. Zero turns it off; kernels before 5.14
     /// turn it off by themselves. Default: 32 MiB.
@@ -111,6 +129,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             flush: FlushMode::Sync,
+            write_path: WritePath::Pwrite,
             segment_bytes: 1 << 30,
             segment_age_ms: 7 * DAY_MS,
             record_bytes_max: 1 << 20,

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use super::error::{Result, StorageError};
 use super::index::{OffsetEntry, SegmentIndex};
 use super::mmap::{MapWriter, SegmentMap};
+use super::options::WritePath;
 use super::record;
 use super::recovery::{nonzero_end, scan_segment, Scan};
 
@@ -46,7 +47,9 @@ pub fn parse_log_file_name(name: &str) -> Option<u64> {
 pub(crate) struct Segment {
     pub base_offset: u64,
     pub path: PathBuf,
-    file: File,
+    file: Arc<File>,
+    /// Appends go through `pwrite` (flush with fdatasync) rather than the map.
+    writes_through_file: bool,
     map: Arc<SegmentMap>,
     /// The offset after the last published record.
     next_offset: AtomicU64,
@@ -76,6 +79,7 @@ impl Segment {
         dir: &Path,
         base_offset: u64,
         capacity: u64,
+        write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
         let file = File::options()
@@ -92,7 +96,7 @@ impl Segment {
             next_offset: base_offset,
             ..Scan::default()
         };
-        Self::active_from_scan(path, file, base_offset, capacity as usize, scan)
+        Self::active_from_scan(path, file, base_offset, capacity as usize, scan, write_path)
     }
 
     /// Maps an existing active segment for appending after `scan.valid_end`.
@@ -103,13 +107,18 @@ impl Segment {
         base_offset: u64,
         capacity: usize,
         scan: Scan,
+        write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
-        let (map, writer) = SegmentMap::open_append(&file, capacity, scan.valid_end)
-            .map_err(StorageError::io(&path))?;
+        let file = Arc::new(file);
+        let writes_through_file = write_path == WritePath::Pwrite;
+        let (map, writer) =
+            SegmentMap::open_append(&file, capacity, scan.valid_end, writes_through_file)
+                .map_err(StorageError::io(&path))?;
         let segment = Arc::new(Segment {
             base_offset,
             path,
             file,
+            writes_through_file,
             map,
             next_offset: AtomicU64::new(scan.next_offset),
             index: Mutex::new(scan.index),
@@ -187,7 +196,8 @@ impl Segment {
         let segment = Arc::new(Segment {
             base_offset,
             path,
-            file,
+            file: Arc::new(file),
+            writes_through_file: false,
             map,
             next_offset: AtomicU64::new(tail.next_offset),
             index: Mutex::new(index),
@@ -335,17 +345,26 @@ impl Segment {
         if end <= from {
             return Ok(());
         }
-        let page_start = from - from % PAGE_BYTES;
-        self.map
-            .flush_range(page_start..end)
-            .map_err(StorageError::io(&self.path))?;
+        if self.writes_through_file {
+            self.file
+                .sync_data()
+                .map_err(StorageError::io(&self.path))?;
+        } else {
+            let page_start = from - from % PAGE_BYTES;
+            self.map
+                .flush_range(page_start..end)
+                .map_err(StorageError::io(&self.path))?;
+        }
         self.flushed.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
 
     /// True when the writer at `cursor` is within half of `window` of the end
-    /// of the prefaulted range.
+    /// of the prefaulted range (only the map write path faults pages in).
     pub(crate) fn wants_prefault(&self, cursor: usize, window: usize) -> bool {
+        if self.writes_through_file {
+            return false;
+        }
         let populated = self.populated.load(Ordering::Acquire);
         populated < self.map.capacity() && cursor + window / 2 >= populated
     }

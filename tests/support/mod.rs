@@ -4,12 +4,20 @@
 use std::path::{Path, PathBuf};
 
 use bida::log::record::{self, InnerMsgId, Message};
-use bida::log::{Log, Options, Record};
+use bida::log::{Log, Options, Record, WritePath};
 
 /// Small segments so tests roll often; no periodic checkpoint, so what a test
 /// crashes is judged only by what the records themselves say.
 pub fn options() -> Options {
+    options_for(WritePath::Pwrite)
+}
+
+/// Both ways of writing, for the tests that must hold for each.
+pub const WRITE_PATHS: [WritePath; 2] = [WritePath::Pwrite, WritePath::Mmap];
+
+pub fn options_for(write_path: WritePath) -> Options {
     Options {
+        write_path,
         segment_bytes: 64 << 10,
         record_bytes_max: 16 << 10,
         index_interval_bytes: 512,
