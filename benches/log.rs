@@ -18,7 +18,7 @@ fn bench_dir() -> tempfile::TempDir {
 }
 
 fn options(flush: FlushMode) -> Options {
-    options_with(flush, WritePath::Pwrite)
+    options_with(flush, WritePath::Auto)
 }
 
 const WRITE_PATHS: [(&str, WritePath); 2] =

@@ -44,7 +44,9 @@ pub enum FlushArg {
 /// How appended bytes reach the segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WritePathArg {
-    /// Staged, then one pwrite per append call (the default: faster here).
+    /// pwrite under sync flush, mmap under async: the faster for each.
+    Auto,
+    /// Staged, then one pwrite per append call.
     Pwrite,
     /// Copied into the shared memory map.
     Mmap,
@@ -63,7 +65,7 @@ pub struct LogArgs {
     #[arg(long, default_value_t = 1 << 30)]
     segment_bytes: u64,
     /// How appended bytes reach the segment file.
-    #[arg(long, value_enum, default_value_t = WritePathArg::Pwrite)]
+    #[arg(long, value_enum, default_value_t = WritePathArg::Auto)]
     write_path: WritePathArg,
 }
 
@@ -82,6 +84,7 @@ impl LogArgs {
                 },
             },
             write_path: match self.write_path {
+                WritePathArg::Auto => WritePath::Auto,
                 WritePathArg::Pwrite => WritePath::Pwrite,
                 WritePathArg::Mmap => WritePath::Mmap,
             },

@@ -231,8 +231,9 @@ impl Log {
     /// Opens (or creates) the log in `dir`, recovering it if the previous
     /// process did not close it. See [`RecoveryMode`] for what happens to
     /// damaged bytes; [`Log::recovery_report`] says what was done.
-    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Log> {
+    pub fn open(dir: impl AsRef<Path>, mut options: Options) -> Result<Log> {
         options.validate()?;
+        options.write_path = options.write_path.resolve(options.flush);
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;
@@ -268,7 +269,8 @@ impl Log {
 
         let (signal, receiver) = crossbeam_channel::bounded(1);
         let (prefault_signal, prefault_receiver) = crossbeam_channel::bounded(1);
-        let prefault_enabled = AtomicBool::new(options.prefault_bytes > 0);
+        let prefaults = options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
+        let prefault_enabled = AtomicBool::new(prefaults);
         let inner = Arc::new(Inner {
             dir,
             options,
@@ -302,16 +304,17 @@ impl Log {
             let inner = Arc::clone(&inner);
             spawn("bida-log-bg", Box::new(move || background(inner, receiver)))?
         };
-        let prefaulter = {
+        let mut threads = vec![background];
+        if prefaults {
             let inner = Arc::clone(&inner);
-            spawn(
+            threads.push(spawn(
                 "bida-log-prefault",
                 Box::new(move || prefaulter(inner, prefault_receiver)),
-            )?
-        };
+            )?);
+        }
         Ok(Log {
             inner,
-            background: vec![background, prefaulter],
+            background: threads,
         })
     }
 

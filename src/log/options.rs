@@ -20,16 +20,30 @@ pub enum FlushMode {
 /// through the shared map, which is coherent with the page cache either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WritePath {
+    /// `Pwrite` under `FlushMode::Sync`, `Mmap` under `FlushMode::Async`:
+    /// the faster of the two for each mode in docs/BENCHMARKS.md.
+    Auto,
     /// Records are staged in memory and written with one `pwrite` per append
-    /// call; flushes are `fdatasync`. Measured faster on ext4 (see
-    /// docs/BENCHMARKS.md): a full-page write needs no zero-fill, and
-    /// writeback does not have to write-protect mapped pages again.
+    /// call; flushes are `fdatasync`. Much faster when flushes are frequent
+    /// (sync mode): writeback does not have to write-protect mapped pages
+    /// again (TLB shootdowns), and a full-page write needs no zero-fill.
     Pwrite,
     /// Records are copied into the shared map; flushes are `msync`. Cheapest
-    /// per call (no syscall), but each fresh page faults and is zero-filled
-    /// (a prefault thread moves that off the append path), and writeback of
-    /// mapped pages costs TLB shootdowns.
+    /// per call (no syscall) and faster when flushes are rare (async mode);
+    /// each fresh page faults and is zero-filled, which a prefault thread
+    /// moves off the append path.
     Mmap,
+}
+
+impl WritePath {
+    /// The concrete path for a flush mode.
+    pub fn resolve(self, flush: FlushMode) -> WritePath {
+        match (self, flush) {
+            (WritePath::Auto, FlushMode::Sync) => WritePath::Pwrite,
+            (WritePath::Auto, FlushMode::Async { .. }) => WritePath::Mmap,
+            (concrete, _) => concrete,
+        }
+    }
 }
 
 /// What `open` does when the bytes on disk are not all valid records.
@@ -76,7 +90,7 @@ pub struct DedupWindow {
 pub struct Options {
     /// Default: `FlushMode::Sync`.
     pub flush: FlushMode,
-    /// Default: `WritePath::Pwrite`.
+    /// Default: `WritePath::Auto`.
     pub write_path: WritePath,
     /// Size each segment file is preallocated to; a segment rolls when the
     /// next record does not fit. Default: 1 GiB. Range: 64 KiB ..= 4 GiB - 1.
@@ -129,7 +143,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             flush: FlushMode::Sync,
-            write_path: WritePath::Pwrite,
+            write_path: WritePath::Auto,
             segment_bytes: 1 << 30,
             segment_age_ms: 7 * DAY_MS,
             record_bytes_max: 1 << 20,

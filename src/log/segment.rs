@@ -110,6 +110,7 @@ impl Segment {
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
         let file = Arc::new(file);
+        debug_assert_ne!(write_path, WritePath::Auto, "resolved by Log::open");
         let writes_through_file = write_path == WritePath::Pwrite;
         let (map, writer) =
             SegmentMap::open_append(&file, capacity, scan.valid_end, writes_through_file)
