@@ -67,6 +67,10 @@ pub struct LogArgs {
     /// How appended bytes reach the segment file.
     #[arg(long, value_enum, default_value_t = WritePathArg::Auto)]
     write_path: WritePathArg,
+    /// Keep flushed data in the page cache instead of dropping what lies
+    /// more than 64 MiB behind the writer (for measuring the difference).
+    #[arg(long)]
+    keep_page_cache: bool,
 }
 
 /// Async flush defaults of the CLI: the loss window on a crash.
@@ -89,6 +93,11 @@ impl LogArgs {
                 WritePathArg::Mmap => WritePath::Mmap,
             },
             segment_bytes: self.segment_bytes,
+            page_cache_hot_bytes: if self.keep_page_cache {
+                None
+            } else {
+                Options::default().page_cache_hot_bytes
+            },
             // Small segments for experiments still take the largest record
             // that fits.
             record_bytes_max: Options::default()
