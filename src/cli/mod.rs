@@ -1,8 +1,13 @@
 //! Subcommands of the `bida` binary.
 
 mod append;
+mod bench;
+mod consume;
 mod inspect;
+mod produce;
 mod read;
+mod serve;
+mod topics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +29,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the broker until SIGINT/SIGTERM.
+    Serve(serve::Args),
+    /// Send one message per stdin line.
+    Produce(produce::Args),
+    /// Print messages of a topic for a consumer group, acking each.
+    Consume(consume::Args),
+    /// List, create and describe topics.
+    Topics(topics::Args),
+    /// The load generator: produce and consume against a broker, report
+    /// throughput and latency percentiles.
+    Bench(bench::Args),
     /// Verify a data directory without changing it; exits 1 if it is damaged.
     Inspect(inspect::Args),
     /// Append messages to a log: one per stdin line, or generated.
@@ -73,6 +89,9 @@ pub struct LogArgs {
     keep_page_cache: bool,
 }
 
+/// Where the client subcommands find the broker by default.
+pub const DEFAULT_BROKER: &str = "127.0.0.1:7878";
+
 /// Async flush defaults of the CLI: the loss window on a crash.
 pub const ASYNC_FLUSH_INTERVAL_MS: u64 = 100;
 pub const ASYNC_FLUSH_BYTES: u64 = 16 << 20;
@@ -119,6 +138,11 @@ pub fn init_tracing() {
 
 pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Produce(args) => produce::run(args),
+        Command::Consume(args) => consume::run(args),
+        Command::Topics(args) => topics::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Append(args) => append::run(args),
         Command::Read(args) => read::run(args),

@@ -435,6 +435,15 @@ impl Log {
         self.inner.apply_retention(now_ms())
     }
 
+    /// The offset of the record stored with `id`, if `id` is still in the
+    /// dedup window.
+    pub fn lookup_id(&self, id: InnerMsgId) -> Option<u64> {
+        if id.is_none() {
+            return None;
+        }
+        self.inner.lock_writer().dedup.lookup(id)
+    }
+
     /// Heap bytes of the dedup window, and the ids it holds.
     pub fn dedup_memory(&self) -> (usize, u64) {
         let w = self.inner.lock_writer();

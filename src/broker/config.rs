@@ -1,0 +1,258 @@
+//! Every knob of the broker, with its default. A TOML file (`bida serve
+//! --config FILE`) may set any of them by the same names; command-line flags
+//! override the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::log::FlushMode;
+use crate::protocol::body::{Backoff, PARTITIONS_MAX};
+
+/// The port `bida serve` listens on by default.
+pub const DEFAULT_PORT: u16 = 7878;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Default: `./bida-data`.
+    pub data_dir: PathBuf,
+    /// Default: `127.0.0.1:7878`.
+    pub listen: SocketAddr,
+    /// Default: `FlushMode::Sync` (a produce is acked once durable).
+    pub flush: FlushMode,
+    /// Segment size of every partition. Default: 256 MiB.
+    pub segment_bytes: u64,
+    /// Largest record. Default: 1 MiB.
+    pub record_bytes_max: u32,
+    /// Inner-msg-ids remembered per partition for deduplication.
+    /// Default: 2,000,000.
+    pub dedup_window_ids: u64,
+    /// Default: 600,000 (10 minutes).
+    pub dedup_window_ms: u64,
+    /// Sealed segments older than this are deleted. Default: 7 days.
+    pub retention_ms: Option<u64>,
+    /// A partition's oldest sealed segments are deleted beyond this size.
+    /// Default: none.
+    pub retention_bytes: Option<u64>,
+    /// Partitions of a topic created without a count. Default: 1.
+    pub default_partitions: u32,
+    /// Producing to an unknown topic creates it. Default: true.
+    pub auto_create_topics: bool,
+    /// A delivery not acked within this is redelivered. Default: 30,000 ms.
+    pub ack_timeout_ms: u32,
+    /// Deliveries before a message goes to `<topic>.dlq`. Default: 16.
+    pub max_deliveries: u16,
+    /// Delay before a redelivery. Default: exponential from 1 s, doubling,
+    /// at most 60 s.
+    pub backoff: Backoff,
+    /// Messages delivered to a group and not yet acked, per partition;
+    /// beyond it only redeliveries are sent. Default: 100,000.
+    pub unacked_max: u64,
+    /// Connections accepted at once; more are refused with an error frame.
+    /// Default: 10,000.
+    pub max_connections: usize,
+    /// Requests a connection may have in flight; the broker stops reading
+    /// from it until one completes. Default: 1,024.
+    pub inflight_max: u32,
+    /// A connection with no request, no request in flight and no
+    /// subscription for this long is closed. Default: 300,000 ms.
+    pub idle_timeout_ms: u64,
+    /// The groups log is compacted past this size. Default: 64 MiB.
+    pub groups_compact_bytes: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: PathBuf::from("./bida-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            flush: FlushMode::Sync,
+            segment_bytes: 256 << 20,
+            record_bytes_max: 1 << 20,
+            dedup_window_ids: 2_000_000,
+            dedup_window_ms: 600_000,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            default_partitions: 1,
+            auto_create_topics: true,
+            ack_timeout_ms: 30_000,
+            max_deliveries: 16,
+            backoff: Backoff::Exponential {
+                base_ms: 1000,
+                max_ms: 60_000,
+                factor_percent: 200,
+            },
+            unacked_max: 100_000,
+            max_connections: 10_000,
+            inflight_max: 1024,
+            idle_timeout_ms: 300_000,
+            groups_compact_bytes: 64 << 20,
+        }
+    }
+}
+
+impl BrokerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_partitions == 0 || self.default_partitions > PARTITIONS_MAX {
+            return Err(format!("default_partitions must be 1..={PARTITIONS_MAX}"));
+        }
+        if self.max_deliveries == 0 {
+            return Err("max_deliveries must be at least 1".into());
+        }
+        if self.ack_timeout_ms == 0 {
+            return Err("ack_timeout_ms must be at least 1".into());
+        }
+        if self.unacked_max == 0 || self.unacked_max > u32::MAX as u64 {
+            return Err("unacked_max must be 1..=4294967295".into());
+        }
+        if self.max_connections == 0 || self.inflight_max == 0 {
+            return Err("max_connections and inflight_max must be at least 1".into());
+        }
+        if let Backoff::Exponential {
+            base_ms,
+            max_ms,
+            factor_percent,
+        } = self.backoff
+        {
+            if factor_percent < 100 || max_ms < base_ms {
+                return Err(
+                    "exponential backoff needs factor_percent >= 100 and max_ms >= base_ms".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the settings of a TOML config file.
+    pub fn apply_file(&mut self, text: &str) -> Result<(), String> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = f.$field { self.$field = v; })* };
+        }
+        set!(
+            data_dir,
+            listen,
+            segment_bytes,
+            record_bytes_max,
+            dedup_window_ids,
+            dedup_window_ms,
+            default_partitions,
+            auto_create_topics,
+            ack_timeout_ms,
+            max_deliveries,
+            unacked_max,
+            max_connections,
+            inflight_max,
+            idle_timeout_ms,
+            groups_compact_bytes
+        );
+        if let Some(v) = f.retention_ms {
+            self.retention_ms = (v > 0).then_some(v);
+        }
+        if let Some(v) = f.retention_bytes {
+            self.retention_bytes = (v > 0).then_some(v);
+        }
+        if let Some(flush) = f.flush {
+            self.flush = parse_flush(&flush, f.flush_interval_ms, f.flush_bytes)?;
+        }
+        if let Some(b) = f.backoff {
+            self.backoff = match b.kind.as_str() {
+                "fixed" => Backoff::Fixed {
+                    delay_ms: b.base_ms.unwrap_or(1000),
+                },
+                "exponential" => Backoff::Exponential {
+                    base_ms: b.base_ms.unwrap_or(1000),
+                    max_ms: b.max_ms.unwrap_or(60_000),
+                    factor_percent: b.factor_percent.unwrap_or(200),
+                },
+                k => {
+                    return Err(format!(
+                        "backoff.kind must be fixed or exponential, got {k:?}"
+                    ))
+                }
+            };
+        }
+        self.validate()
+    }
+}
+
+/// `sync`, or `async` with its interval and byte threshold (defaults 100 ms
+/// and 16 MiB).
+pub fn parse_flush(
+    mode: &str,
+    interval_ms: Option<u64>,
+    bytes: Option<u64>,
+) -> Result<FlushMode, String> {
+    match mode {
+        "sync" => Ok(FlushMode::Sync),
+        "async" => Ok(FlushMode::Async {
+            interval_ms: interval_ms.unwrap_or(100),
+            bytes: bytes.unwrap_or(16 << 20),
+        }),
+        other => Err(format!("flush must be sync or async, got {other:?}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    flush: Option<String>,
+    flush_interval_ms: Option<u64>,
+    flush_bytes: Option<u64>,
+    segment_bytes: Option<u64>,
+    record_bytes_max: Option<u32>,
+    dedup_window_ids: Option<u64>,
+    dedup_window_ms: Option<u64>,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    default_partitions: Option<u32>,
+    auto_create_topics: Option<bool>,
+    ack_timeout_ms: Option<u32>,
+    max_deliveries: Option<u16>,
+    backoff: Option<FileBackoff>,
+    unacked_max: Option<u64>,
+    max_connections: Option<usize>,
+    inflight_max: Option<u32>,
+    idle_timeout_ms: Option<u64>,
+    groups_compact_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackoff {
+    kind: String,
+    base_ms: Option<u32>,
+    max_ms: Option<u32>,
+    factor_percent: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let mut c = BrokerConfig::default();
+        c.apply_file(
+            "listen = \"127.0.0.1:9000\"\nflush = \"async\"\nflush_interval_ms = 5\nmax_deliveries = 3\n[backoff]\nkind = \"fixed\"\nbase_ms = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(
+            c.flush,
+            FlushMode::Async {
+                interval_ms: 5,
+                bytes: 16 << 20
+            }
+        );
+        assert_eq!(c.max_deliveries, 3);
+        assert_eq!(c.backoff, Backoff::Fixed { delay_ms: 10 });
+        assert!(BrokerConfig::default().apply_file("colour = 1").is_err());
+        assert!(BrokerConfig::default()
+            .apply_file("max_deliveries = 0")
+            .is_err());
+    }
+}

@@ -1,0 +1,584 @@
+//! Durable consumer-group state: an internal log (`DATA/_groups`, the
+//! storage engine with deduplication off) of what groups joined and acked,
+//! compacted by snapshots.
+//!
+//! Each record's payload is one entry:
+//!
+//! ```text
+//!  +------+-----------+--------------+-----------+---------------------
+//!  | kind | topic str | partition u32| group str | kind-specific ...
+//!  |  u8  | u16 + utf8|              | u16 + utf8|
+//!  +------+-----------+--------------+-----------+---------------------
+//!  kind 1 JOIN:     u64 start            (the group starts at this offset)
+//!  kind 2 ACKS:     u32 n, n x (u64 first, u32 count)   (acked ranges)
+//!  kind 3 SNAPSHOT: u64 committed, u32 n, n x (u64 first, u32 count)
+//! ```
+//!
+//! Replaying the log in order rebuilds every group's `committed` offset and
+//! the offsets acked above it. One thread owns the log: requests from all
+//! connections are appended as one batch and (under sync flush) made
+//! durable with one flush before any of them is answered. When the log
+//! passes `compact_bytes`, the thread writes a snapshot of every group into
+//! a fresh log and swaps it in (`_groups.tmp` → `_groups`); a crash at any
+//! point of the swap leaves one complete log.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::oneshot;
+
+use crate::log::record::{InnerMsgId, Message};
+use crate::log::{FlushMode, Log, Options, StorageError};
+use crate::protocol::body::{GROUP_NAME_MAX, TOPIC_NAME_MAX};
+use crate::protocol::{Put, Reader, WireError};
+
+const KIND_JOIN: u8 = 1;
+const KIND_ACKS: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+/// Most ranges in one entry.
+const RANGES_MAX: usize = 1 << 20;
+/// Most entries appended in one batch.
+const BATCH_MAX: usize = 4096;
+
+/// A group's place in a partition: `(topic, partition, group)`.
+pub type GroupKey = (String, u32, String);
+
+/// What replay rebuilt for one group on one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredGroup {
+    pub committed: u64,
+    pub acked_above: BTreeSet<u64>,
+}
+
+impl StoredGroup {
+    fn ack_range(&mut self, first: u64, count: u32) {
+        for o in first..first.saturating_add(count as u64) {
+            if o >= self.committed {
+                self.acked_above.insert(o);
+            }
+        }
+        while self.acked_above.first() == Some(&self.committed) {
+            self.acked_above.pop_first();
+            self.committed += 1;
+        }
+    }
+}
+
+/// One entry to persist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Join {
+        start: u64,
+    },
+    Acks {
+        offsets: Vec<u64>,
+    },
+    Snapshot {
+        committed: u64,
+        acked_above: Vec<u64>,
+    },
+}
+
+/// Collapses sorted offsets into `(first, count)` runs.
+fn ranges(sorted: &[u64]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &o in sorted {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count as u64 == o && *count < u32::MAX => *count += 1,
+            _ => out.push((o, 1)),
+        }
+    }
+    out
+}
+
+pub fn encode_entry(key: (&str, u32, &str), entry: &Entry) -> Vec<u8> {
+    let (topic, partition, group) = key;
+    let mut out = Vec::with_capacity(64);
+    let put_ranges = |out: &mut Vec<u8>, offsets: &[u64]| {
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let r = ranges(&sorted);
+        out.put_u32(r.len() as u32);
+        for (first, count) in r {
+            out.put_u64(first);
+            out.put_u32(count);
+        }
+    };
+    match entry {
+        Entry::Join { start } => {
+            out.put_u8(KIND_JOIN);
+            out.put_str(topic);
+            out.put_u32(partition);
+            out.put_str(group);
+            out.put_u64(*start);
+        }
+        Entry::Acks { offsets } => {
+            out.put_u8(KIND_ACKS);
+            out.put_str(topic);
+            out.put_u32(partition);
+            out.put_str(group);
+            put_ranges(&mut out, offsets);
+        }
+        Entry::Snapshot {
+            committed,
+            acked_above,
+        } => {
+            out.put_u8(KIND_SNAPSHOT);
+            out.put_str(topic);
+            out.put_u32(partition);
+            out.put_str(group);
+            out.put_u64(*committed);
+            put_ranges(&mut out, acked_above);
+        }
+    }
+    out
+}
+
+/// Applies one entry to the replayed state.
+fn apply(state: &mut HashMap<GroupKey, StoredGroup>, payload: &[u8]) -> Result<(), WireError> {
+    let mut r = Reader::new(payload);
+    let kind = r.u8()?;
+    let key = (
+        r.str("topic", TOPIC_NAME_MAX)?.to_owned(),
+        r.u32()?,
+        r.str("group", GROUP_NAME_MAX)?.to_owned(),
+    );
+    let read_ranges = |r: &mut Reader<'_>| -> Result<Vec<(u64, u32)>, WireError> {
+        let n = r.count("ranges", RANGES_MAX, 12)?;
+        (0..n).map(|_| Ok((r.u64()?, r.u32()?))).collect()
+    };
+    match kind {
+        KIND_JOIN => {
+            let start = r.u64()?;
+            state.entry(key).or_insert_with(|| StoredGroup {
+                committed: start,
+                ..Default::default()
+            });
+        }
+        KIND_ACKS => {
+            let g = state.entry(key).or_default();
+            for (first, count) in read_ranges(&mut r)? {
+                g.ack_range(first, count);
+            }
+        }
+        KIND_SNAPSHOT => {
+            let committed = r.u64()?;
+            let mut g = StoredGroup {
+                committed,
+                ..Default::default()
+            };
+            for (first, count) in read_ranges(&mut r)? {
+                g.ack_range(first, count);
+            }
+            state.insert(key, g);
+        }
+        k => {
+            return Err(WireError::Malformed(format!(
+                "unknown group entry kind {k}"
+            )))
+        }
+    }
+    r.finish()
+}
+
+/// Produces a snapshot of every group, for compaction.
+pub type Collector = Box<dyn Fn() -> Vec<(GroupKey, Entry)> + Send>;
+
+enum Request {
+    Write(Vec<u8>, Option<oneshot::Sender<Result<(), String>>>),
+}
+
+/// The handle to the thread that owns the groups log.
+pub struct GroupStore {
+    tx: Option<Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn log_options(flush: FlushMode) -> Options {
+    let mut o = Options {
+        flush,
+        segment_bytes: 64 << 20,
+        checkpoint_interval_ms: 1000,
+        ..Options::default()
+    };
+    o.dedup.records_max = 0;
+    o.retention.age_ms_max = None;
+    o
+}
+
+/// Finishes or undoes a swap that a crash interrupted.
+fn settle_swap(dir: &Path) -> std::io::Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+    } else if tmp.exists() {
+        fs::rename(&tmp, dir)?;
+    }
+    if old.exists() && dir.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// Reads every entry of the groups log.
+fn replay(log: &Log) -> Result<HashMap<GroupKey, StoredGroup>, StorageError> {
+    let mut state = HashMap::new();
+    let mut offset = log.start_offset();
+    let end = log.next_offset();
+    while offset < end {
+        let batch = log.read(offset, 4096, 4 << 20)?;
+        if batch.records == 0 {
+            break;
+        }
+        for record in batch.iter() {
+            let record = record?;
+            apply(&mut state, &record.payload).map_err(|e| StorageError::Corrupt {
+                file: log.dir().to_path_buf(),
+                position: record.offset,
+                reason: format!("group entry at offset {}: {e}", record.offset),
+            })?;
+        }
+        offset = batch.next_offset;
+    }
+    Ok(state)
+}
+
+fn write_snapshot(
+    dir: &Path,
+    flush: FlushMode,
+    entries: &[(GroupKey, Entry)],
+) -> Result<(), StorageError> {
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(StorageError::io(&tmp))?;
+    }
+    let log = Log::open(&tmp, log_options(flush))?;
+    for chunk in entries.chunks(BATCH_MAX) {
+        let payloads: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|((t, p, g), e)| encode_entry((t, *p, g), e))
+            .collect();
+        let msgs: Vec<Message<'_>> = payloads.iter().map(|p| message(p)).collect();
+        let _ = log.append(&msgs)?;
+    }
+    log.close()
+}
+
+fn message(payload: &[u8]) -> Message<'_> {
+    Message {
+        id: InnerMsgId::NONE,
+        key: None,
+        headers: &[],
+        payload,
+    }
+}
+
+impl GroupStore {
+    /// Opens (or creates) the groups log under `dir`, replays it, compacts
+    /// it if it is larger than `compact_bytes`, and starts the owning
+    /// thread. Returns the replayed state.
+    pub fn open(
+        dir: PathBuf,
+        flush: FlushMode,
+        compact_bytes: u64,
+        collector: Collector,
+    ) -> Result<(GroupStore, HashMap<GroupKey, StoredGroup>), StorageError> {
+        settle_swap(&dir).map_err(StorageError::io(&dir))?;
+        let mut log = Log::open(&dir, log_options(flush))?;
+        let state = replay(&log)?;
+        if log_bytes(&log) > compact_bytes {
+            // The replayed state is the snapshot: nothing else knows the
+            // groups yet.
+            let entries: Vec<(GroupKey, Entry)> = state
+                .iter()
+                .map(|(k, g)| {
+                    let entry = Entry::Snapshot {
+                        committed: g.committed,
+                        acked_above: g.acked_above.iter().copied().collect(),
+                    };
+                    (k.clone(), entry)
+                })
+                .collect();
+            log = compact(
+                log,
+                &dir,
+                flush,
+                &(Box::new(move || entries.clone()) as Collector),
+            )?;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(BATCH_MAX * 4);
+        let thread = std::thread::Builder::new()
+            .name("bida-groups".into())
+            .spawn(move || run(log, dir, flush, compact_bytes, collector, rx))
+            .map_err(StorageError::io("spawn bida-groups"))?;
+        Ok((
+            GroupStore {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            state,
+        ))
+    }
+
+    /// Persists `entry`; the returned receiver completes once the flush
+    /// policy allows acknowledging it.
+    pub fn write(
+        &self,
+        key: (&str, u32, &str),
+        entry: &Entry,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        let (done, rx) = oneshot::channel();
+        let payload = encode_entry(key, entry);
+        if let Some(tx) = &self.tx {
+            // The thread only stops when the store is dropped.
+            let _ = tx.send(Request::Write(payload, Some(done)));
+        }
+        rx
+    }
+
+    /// Persists `entry` without waiting.
+    pub fn write_nowait(&self, key: (&str, u32, &str), entry: &Entry) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Request::Write(encode_entry(key, entry), None));
+        }
+    }
+
+    /// Stops the thread after it has written everything queued, and closes
+    /// the log cleanly.
+    pub fn close(mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GroupStore {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn log_bytes(log: &Log) -> u64 {
+    log.segments().iter().map(|s| s.size_bytes).sum()
+}
+
+fn run(
+    mut log: Log,
+    dir: PathBuf,
+    flush: FlushMode,
+    compact_bytes: u64,
+    collector: Collector,
+    rx: Receiver<Request>,
+) {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    // Compact when the log outgrows both the threshold and twice what the
+    // last snapshot took, so a large snapshot does not trigger itself.
+    let mut threshold = compact_bytes.max(2 * log_bytes(&log));
+    let mut compact_due = false;
+    loop {
+        if compact_due {
+            log = match compact(log, &dir, flush, &collector) {
+                Ok(l) => {
+                    threshold = compact_bytes.max(2 * log_bytes(&l));
+                    l
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "compacting the groups log failed; acks can no longer be stored");
+                    for Request::Write(_, done) in rx.iter() {
+                        if let Some(d) = done {
+                            let _ = d.send(Err(format!("groups log unavailable: {e}")));
+                        }
+                    }
+                    return;
+                }
+            };
+        }
+        let Ok(first) = rx.recv() else { break };
+        batch.clear();
+        batch.push(first);
+        batch.extend(rx.try_iter().take(BATCH_MAX - 1));
+        let msgs: Vec<Message<'_>> = batch
+            .iter()
+            .map(|Request::Write(p, _)| message(p))
+            .collect();
+        let result = log
+            .append(&msgs)
+            .and_then(|a| match flush {
+                FlushMode::Sync => log.wait_durable(a.durable_target()),
+                FlushMode::Async { .. } => Ok(()),
+            })
+            .map_err(|e| e.to_string());
+        drop(msgs);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "writing to the groups log failed");
+        }
+        for Request::Write(_, done) in batch.drain(..) {
+            if let Some(d) = done {
+                let _ = d.send(result.clone());
+            }
+        }
+        compact_due = log_bytes(&log) > threshold;
+    }
+    if let Err(e) = log.close() {
+        tracing::error!(error = %e, "closing the groups log failed");
+    }
+}
+
+/// Snapshot into `_groups.tmp`, then swap it in.
+fn compact(
+    log: Log,
+    dir: &Path,
+    flush: FlushMode,
+    collector: &Collector,
+) -> Result<Log, StorageError> {
+    let before = log_bytes(&log);
+    let entries = collector();
+    write_snapshot(dir, flush, &entries)?;
+    log.close()?;
+    let old = dir.with_extension("old");
+    fs::rename(dir, &old).map_err(StorageError::io(dir))?;
+    fs::rename(dir.with_extension("tmp"), dir).map_err(StorageError::io(dir))?;
+    if let Some(parent) = dir.parent() {
+        fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(StorageError::io(parent))?;
+    }
+    fs::remove_dir_all(&old).map_err(StorageError::io(&old))?;
+    let log = Log::open(dir, log_options(flush))?;
+    tracing::info!(
+        groups = entries.len(),
+        bytes_before = before,
+        bytes_after = log_bytes(&log),
+        "compacted the groups log"
+    );
+    Ok(log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_rebuilds_positions() {
+        let mut state = HashMap::new();
+        let k = ("t", 0, "g");
+        for e in [
+            Entry::Join { start: 5 },
+            Entry::Acks {
+                offsets: vec![7, 6, 9],
+            },
+            Entry::Acks { offsets: vec![5] },
+        ] {
+            apply(&mut state, &encode_entry(k, &e)).unwrap();
+        }
+        let g = &state[&("t".to_string(), 0, "g".to_string())];
+        assert_eq!(g.committed, 8);
+        assert_eq!(g.acked_above.iter().copied().collect::<Vec<_>>(), vec![9]);
+        apply(
+            &mut state,
+            &encode_entry(
+                k,
+                &Entry::Snapshot {
+                    committed: 100,
+                    acked_above: vec![102],
+                },
+            ),
+        )
+        .unwrap();
+        let g = &state[&("t".to_string(), 0, "g".to_string())];
+        assert_eq!((g.committed, g.acked_above.len()), (100, 1));
+        assert!(apply(&mut state, &[9, 0]).is_err());
+    }
+
+    fn key() -> GroupKey {
+        ("t".to_string(), 1, "g".to_string())
+    }
+
+    fn snapshot_of(committed: u64, above: u64) -> Collector {
+        Box::new(move || {
+            vec![(
+                key(),
+                Entry::Snapshot {
+                    committed,
+                    acked_above: vec![above],
+                },
+            )]
+        })
+    }
+
+    #[test]
+    fn store_survives_reopen_and_compaction() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("_groups");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let big = 1 << 30;
+        let (store, state) =
+            GroupStore::open(dir.clone(), FlushMode::Sync, big, snapshot_of(0, 0)).unwrap();
+        assert!(state.is_empty());
+        for i in 0..1000u64 {
+            let rx = store.write(("t", 1, "g"), &Entry::Acks { offsets: vec![i] });
+            if i % 100 == 99 {
+                rt.block_on(rx).unwrap().unwrap();
+            }
+        }
+        store.close();
+
+        // Compaction at open snapshots the replayed state, not the collector.
+        let (store, state) =
+            GroupStore::open(dir.clone(), FlushMode::Sync, 1, snapshot_of(7, 9)).unwrap();
+        assert_eq!(state[&key()].committed, 1000);
+        store.close();
+        let (store, state) =
+            GroupStore::open(dir.clone(), FlushMode::Sync, big, snapshot_of(7, 9)).unwrap();
+        assert_eq!(
+            state[&key()].committed,
+            1000,
+            "the snapshot kept the position"
+        );
+        assert!(!dir.with_extension("old").exists() && !dir.with_extension("tmp").exists());
+        rt.block_on(store.write(
+            ("t", 1, "g"),
+            &Entry::Acks {
+                offsets: vec![1000],
+            },
+        ))
+        .unwrap()
+        .unwrap();
+        store.close();
+
+        // At run time the collector (the broker's live state) is the
+        // snapshot: a write that more than doubles the log triggers it.
+        let (store, state) =
+            GroupStore::open(dir.clone(), FlushMode::Sync, 1, snapshot_of(2000, 2002)).unwrap();
+        assert_eq!(state[&key()].committed, 1001);
+        let spread: Vec<u64> = (0..200).map(|i| 3000 + 2 * i).collect();
+        rt.block_on(store.write(("t", 1, "g"), &Entry::Acks { offsets: spread }))
+            .unwrap()
+            .unwrap();
+        store.close();
+        let (_store, state) =
+            GroupStore::open(dir.clone(), FlushMode::Sync, big, snapshot_of(0, 0)).unwrap();
+        let g = &state[&key()];
+        assert_eq!(
+            g.committed, 2000,
+            "the collector's snapshot replaced the log"
+        );
+        assert_eq!(
+            g.acked_above.iter().copied().collect::<Vec<_>>(),
+            vec![2002]
+        );
+    }
+}

@@ -1,0 +1,994 @@
+//! The broker: topics of partitions (one [`Log`] each), consumer groups
+//! with acks, redelivery and dead letters, and the TCP server in
+//! [`server`]. Knows nothing of sockets outside `server`.
+//!
+//! Data directory:
+//!
+//! ```text
+//! DATA/
+//!   topics/<topic>/topic.json      partitions and consumer settings
+//!   topics/<topic>/<partition>/    one log (docs/FORMAT.md)
+//!   _groups/                       acks of every group (group_store.rs)
+//! ```
+
+pub mod config;
+pub mod group;
+pub mod group_store;
+pub mod server;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{oneshot, Notify};
+
+pub use config::BrokerConfig;
+use group::{DeadLetter, GroupPartitionState, Policy};
+use group_store::{Collector, Entry, GroupKey, GroupStore, StoredGroup};
+
+use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
+use crate::log::{Appended, FlushMode, Log, Options, StorageError};
+use crate::protocol::body::{
+    self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, PartitionInfo,
+    ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION, NACK_DEFAULT_DELAY,
+    PARTITIONS_MAX,
+};
+use crate::protocol::ErrorCode;
+
+/// Header names on a dead-lettered message.
+pub const DLQ_HEADER_TOPIC: &str = "bida-original-topic";
+pub const DLQ_HEADER_PARTITION: &str = "bida-original-partition";
+pub const DLQ_HEADER_OFFSET: &str = "bida-original-offset";
+pub const DLQ_HEADER_ATTEMPTS: &str = "bida-attempts";
+pub const DLQ_HEADER_GROUP: &str = "bida-group";
+/// The dead-letter topic of `T` is `T` + this.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {0:?} exists already")]
+    TopicExists(String),
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("topic {topic:?} has {partitions} partitions; there is no partition {partition}")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("invalid message: {0}")]
+    InvalidMessage(StorageError),
+    #[error("unknown subscription {0}")]
+    UnknownSubscription(u64),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("storage: {0}")]
+    Durability(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BrokerError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::UnknownTopic(_) => ErrorCode::UnknownTopic,
+            BrokerError::TopicExists(_) => ErrorCode::TopicExists,
+            BrokerError::InvalidName(_) => ErrorCode::InvalidTopicName,
+            BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+            BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::InvalidMessage(_) => ErrorCode::InvalidMessage,
+            BrokerError::UnknownSubscription(_) => ErrorCode::UnknownSubscription,
+            BrokerError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,
+            BrokerError::Storage(_) | BrokerError::Durability(_) | BrokerError::Io { .. } => {
+                ErrorCode::Storage
+            }
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
+    move |source| BrokerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits for a log to be durable up to a target without blocking async
+/// tasks: one thread per partition takes every pending request, leads one
+/// group commit for the highest target, and answers them all.
+/// A request to the waiter: the target offset, and whom to tell.
+type DurableRequest = (u64, oneshot::Sender<Result<(), String>>);
+
+struct DurabilityWaiter {
+    tx: Option<crossbeam_channel::Sender<DurableRequest>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DurabilityWaiter {
+    fn start(log: Arc<Log>, name: String) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<DurableRequest>();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let mut batch = Vec::new();
+            while let Ok(first) = rx.recv() {
+                batch.push(first);
+                batch.extend(rx.try_iter());
+                let target = batch.iter().map(|(t, _)| *t).max().unwrap_or(0);
+                let result = log.wait_durable(target).map_err(|e| e.to_string());
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(result.clone());
+                }
+            }
+        })?;
+        Ok(DurabilityWaiter {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct Partition {
+    pub index: u32,
+    pub log: Arc<Log>,
+    waiter: Mutex<DurabilityWaiter>,
+    groups: Mutex<HashMap<String, GroupPartitionState>>,
+}
+
+impl Partition {
+    /// Completes once every offset below `target` is durable.
+    pub async fn durable(&self, target: u64) -> Result<(), BrokerError> {
+        if self.log.durable_offset() >= target {
+            return Ok(());
+        }
+        let (done, rx) = oneshot::channel();
+        let sent = match &self.waiter.lock().expect("waiter lock").tx {
+            Some(tx) => tx.send((target, done)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(BrokerError::Durability("the broker is stopping".into()));
+        }
+        rx.await
+            .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+            .map_err(BrokerError::Durability)
+    }
+}
+
+/// The settings stored in `topic.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct TopicMeta {
+    partitions: u32,
+    ack_timeout_ms: u32,
+    max_deliveries: u16,
+    backoff: BackoffMeta,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum BackoffMeta {
+    Fixed {
+        delay_ms: u32,
+    },
+    Exponential {
+        base_ms: u32,
+        max_ms: u32,
+        factor_percent: u16,
+    },
+}
+
+impl From<Backoff> for BackoffMeta {
+    fn from(b: Backoff) -> Self {
+        match b {
+            Backoff::Fixed { delay_ms } => BackoffMeta::Fixed { delay_ms },
+            Backoff::Exponential {
+                base_ms,
+                max_ms,
+                factor_percent,
+            } => BackoffMeta::Exponential {
+                base_ms,
+                max_ms,
+                factor_percent,
+            },
+        }
+    }
+}
+
+impl From<BackoffMeta> for Backoff {
+    fn from(b: BackoffMeta) -> Self {
+        match b {
+            BackoffMeta::Fixed { delay_ms } => Backoff::Fixed { delay_ms },
+            BackoffMeta::Exponential {
+                base_ms,
+                max_ms,
+                factor_percent,
+            } => Backoff::Exponential {
+                base_ms,
+                max_ms,
+                factor_percent,
+            },
+        }
+    }
+}
+
+pub struct Topic {
+    pub name: String,
+    meta: TopicMeta,
+    pub partitions: Vec<Arc<Partition>>,
+    /// Woken on every append, for long polls and subscriptions.
+    pub appended: Notify,
+    round_robin: AtomicU32,
+}
+
+impl Topic {
+    pub fn policy(&self, unacked_max: u64) -> Policy {
+        Policy {
+            ack_timeout_ms: self.meta.ack_timeout_ms as u64,
+            max_deliveries: self.meta.max_deliveries,
+            backoff: self.meta.backoff.into(),
+            unacked_max,
+        }
+    }
+
+    pub fn summary(&self) -> TopicSummary {
+        TopicSummary {
+            topic: self.name.clone(),
+            partitions: self.meta.partitions,
+            config: TopicConfig {
+                ack_timeout_ms: self.meta.ack_timeout_ms,
+                max_deliveries: self.meta.max_deliveries,
+                backoff: Some(self.meta.backoff.into()),
+            },
+        }
+    }
+
+    pub fn partition(&self, index: u32) -> Result<&Arc<Partition>, BrokerError> {
+        self.partitions
+            .get(index as usize)
+            .ok_or_else(|| BrokerError::UnknownPartition {
+                topic: self.name.clone(),
+                partition: index,
+                partitions: self.meta.partitions,
+            })
+    }
+
+    /// The next partition in round-robin order.
+    pub fn next_round_robin(&self) -> u32 {
+        self.round_robin.fetch_add(1, Ordering::Relaxed) % self.meta.partitions
+    }
+}
+
+type Topics = Arc<RwLock<HashMap<String, Arc<Topic>>>>;
+
+pub struct Broker {
+    config: BrokerConfig,
+    topics: Topics,
+    groups: Mutex<Option<GroupStore>>,
+    create_lock: Mutex<()>,
+    stopping: std::sync::atomic::AtomicBool,
+    /// Woken when the broker starts stopping.
+    pub stop: Notify,
+}
+
+impl Broker {
+    /// Opens every topic under `config.data_dir` (creating the directory),
+    /// recovering each log, and restores every group's position.
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
+        config.validate().map_err(BrokerError::InvalidRequest)?;
+        let topics_dir = config.data_dir.join("topics");
+        fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
+        let topics: Topics = Arc::default();
+        let collector_topics = topics.clone();
+        let collector: Collector = Box::new(move || snapshot_groups(&collector_topics));
+        let (store, stored) = GroupStore::open(
+            config.data_dir.join("_groups"),
+            config.flush,
+            config.groups_compact_bytes,
+            collector,
+        )?;
+        let broker = Arc::new(Broker {
+            config,
+            topics,
+            groups: Mutex::new(Some(store)),
+            create_lock: Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        let mut names: Vec<String> = fs::read_dir(&topics_dir)
+            .map_err(io_err(&topics_dir))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("topic.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            let topic = broker.open_topic(&name, None)?;
+            broker.restore_groups(&topic, &stored);
+            broker
+                .topics
+                .write()
+                .expect("topics lock")
+                .insert(name, topic);
+        }
+        Ok(broker)
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Tells long polls and subscriptions to end.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        for t in self.topics.read().expect("topics lock").values() {
+            t.appended.notify_waiters();
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn log_options(&self) -> Options {
+        let mut o = Options {
+            flush: self.config.flush,
+            segment_bytes: self.config.segment_bytes,
+            record_bytes_max: self.config.record_bytes_max,
+            ..Options::default()
+        };
+        o.dedup.records_max = self.config.dedup_window_ids;
+        o.dedup.age_ms_max = self.config.dedup_window_ms;
+        o.retention.age_ms_max = self.config.retention_ms;
+        o.retention.bytes_max = self.config.retention_bytes;
+        o
+    }
+
+    /// Opens a topic's partitions; with `create`, first writes its
+    /// `topic.json`.
+    fn open_topic(&self, name: &str, create: Option<TopicMeta>) -> Result<Arc<Topic>, BrokerError> {
+        let dir = self.config.data_dir.join("topics").join(name);
+        let meta_path = dir.join("topic.json");
+        let meta = match create {
+            Some(meta) => {
+                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                let tmp = dir.join("topic.json.tmp");
+                let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+                fs::write(&tmp, json).map_err(io_err(&tmp))?;
+                fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&tmp))?;
+                fs::rename(&tmp, &meta_path).map_err(io_err(&meta_path))?;
+                fs::File::open(&dir)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&dir))?;
+                meta
+            }
+            None => {
+                let bytes = fs::read(&meta_path).map_err(io_err(&meta_path))?;
+                let meta: TopicMeta = serde_json::from_slice(&bytes).map_err(|e| {
+                    BrokerError::Storage(StorageError::Corrupt {
+                        file: meta_path.clone(),
+                        position: 0,
+                        reason: e.to_string(),
+                    })
+                })?;
+                if meta.partitions == 0 || meta.partitions > PARTITIONS_MAX {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "{}: {} partitions",
+                        meta_path.display(),
+                        meta.partitions
+                    )));
+                }
+                meta
+            }
+        };
+        let mut partitions = Vec::with_capacity(meta.partitions as usize);
+        for index in 0..meta.partitions {
+            let log = Arc::new(Log::open(dir.join(index.to_string()), self.log_options())?);
+            let report = log.recovery_report();
+            tracing::debug!(topic = name, partition = index, ?report, "partition open");
+            let waiter = DurabilityWaiter::start(log.clone(), format!("bida-sync-{index}"))
+                .map_err(io_err(&dir))?;
+            partitions.push(Arc::new(Partition {
+                index,
+                log,
+                waiter: Mutex::new(waiter),
+                groups: Mutex::new(HashMap::new()),
+            }));
+        }
+        Ok(Arc::new(Topic {
+            name: name.to_owned(),
+            meta,
+            partitions,
+            appended: Notify::new(),
+            round_robin: AtomicU32::new(0),
+        }))
+    }
+
+    fn restore_groups(&self, topic: &Topic, stored: &HashMap<GroupKey, StoredGroup>) {
+        for ((t, p, g), s) in stored {
+            if t != &topic.name {
+                continue;
+            }
+            let Some(partition) = topic.partitions.get(*p as usize) else {
+                continue;
+            };
+            let start = partition.log.start_offset();
+            let acked: Vec<u64> = s.acked_above.iter().copied().collect();
+            let mut state = GroupPartitionState::restore(s.committed, &acked);
+            state.skip_to(start);
+            partition
+                .groups
+                .lock()
+                .expect("groups lock")
+                .insert(g.clone(), state);
+        }
+    }
+
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        self.topics
+            .read()
+            .expect("topics lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
+    }
+
+    /// The topic, created with the defaults if it does not exist and
+    /// `auto_create_topics` is on.
+    pub fn topic_or_create(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        match self.topic(name) {
+            Err(BrokerError::UnknownTopic(_)) if self.config.auto_create_topics => self
+                .create_topic(&body::CreateTopic {
+                    topic: name.to_owned(),
+                    partitions: 0,
+                    if_not_exists: true,
+                    config: TopicConfig::default(),
+                }),
+            other => other,
+        }
+    }
+
+    pub fn create_topic(&self, req: &body::CreateTopic) -> Result<Arc<Topic>, BrokerError> {
+        self.create_topic_named(req, true)
+    }
+
+    fn create_topic_named(
+        &self,
+        req: &body::CreateTopic,
+        check: bool,
+    ) -> Result<Arc<Topic>, BrokerError> {
+        if check {
+            check_name("topic", &req.topic).map_err(BrokerError::InvalidName)?;
+        }
+        let partitions = if req.partitions == 0 {
+            self.config.default_partitions
+        } else {
+            req.partitions
+        };
+        if partitions > PARTITIONS_MAX {
+            return Err(BrokerError::InvalidRequest(format!(
+                "{partitions} partitions; at most {PARTITIONS_MAX}"
+            )));
+        }
+        let _guard = self.create_lock.lock().expect("create lock");
+        if let Ok(existing) = self.topic(&req.topic) {
+            return if req.if_not_exists {
+                Ok(existing)
+            } else {
+                Err(BrokerError::TopicExists(req.topic.clone()))
+            };
+        }
+        let c = &req.config;
+        let meta = TopicMeta {
+            partitions,
+            ack_timeout_ms: if c.ack_timeout_ms == 0 {
+                self.config.ack_timeout_ms
+            } else {
+                c.ack_timeout_ms
+            },
+            max_deliveries: if c.max_deliveries == 0 {
+                self.config.max_deliveries
+            } else {
+                c.max_deliveries
+            },
+            backoff: c.backoff.unwrap_or(self.config.backoff).into(),
+        };
+        let topic = self.open_topic(&req.topic, Some(meta))?;
+        tracing::info!(topic = %req.topic, partitions, "topic created");
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(req.topic.clone(), topic.clone());
+        Ok(topic)
+    }
+
+    pub fn list_topics(&self) -> Vec<TopicSummary> {
+        let mut list: Vec<TopicSummary> = self
+            .topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .map(|t| t.summary())
+            .collect();
+        list.sort_by(|a, b| a.topic.cmp(&b.topic));
+        list
+    }
+
+    pub fn describe_topic(&self, name: &str) -> Result<TopicDescription, BrokerError> {
+        let topic = self.topic(name)?;
+        let partitions = topic
+            .partitions
+            .iter()
+            .map(|p| PartitionInfo {
+                start: p.log.start_offset(),
+                end: p.log.next_offset(),
+                durable: p.log.durable_offset(),
+            })
+            .collect();
+        let mut names = BTreeSet::new();
+        for p in &topic.partitions {
+            names.extend(p.groups.lock().expect("groups lock").keys().cloned());
+        }
+        let groups = names
+            .into_iter()
+            .map(|g| {
+                let positions = self.positions(&topic, &g);
+                (g, positions)
+            })
+            .collect();
+        Ok(TopicDescription {
+            summary: topic.summary(),
+            partitions,
+            groups,
+        })
+    }
+
+    /// A group's position on every partition of a topic.
+    pub fn positions(&self, topic: &Topic, group: &str) -> Vec<GroupPartition> {
+        topic
+            .partitions
+            .iter()
+            .map(|p| {
+                let end = p.log.next_offset();
+                let groups = p.groups.lock().expect("groups lock");
+                match groups.get(group) {
+                    Some(s) => GroupPartition {
+                        committed: s.committed(),
+                        next: s.next(),
+                        end,
+                        in_flight: s.in_flight(),
+                    },
+                    None => {
+                        let start = p.log.start_offset();
+                        GroupPartition {
+                            committed: start,
+                            next: start,
+                            end,
+                            in_flight: 0,
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Appends a batch to one partition. Under sync flush the caller must
+    /// await `partition.durable(appended.durable_target())` before acking.
+    pub fn produce(
+        &self,
+        req: &ProduceRequest<'_>,
+    ) -> Result<(Arc<Partition>, Appended), BrokerError> {
+        let topic = self.topic_or_create(req.topic)?;
+        let index = if req.partition == ANY_PARTITION {
+            match req.messages.first().and_then(|m| m.key) {
+                Some(key) => partition_for_key(key, topic.meta.partitions),
+                None => topic.next_round_robin(),
+            }
+        } else {
+            req.partition
+        };
+        let partition = topic.partition(index)?.clone();
+        let appended = partition.log.append(&req.messages).map_err(|e| match e {
+            e @ StorageError::InvalidMessage { .. } => BrokerError::InvalidMessage(e),
+            e => BrokerError::Storage(e),
+        })?;
+        topic.appended.notify_waiters();
+        Ok((partition, appended))
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, Option<GroupStore>> {
+        self.groups.lock().expect("group store lock")
+    }
+
+    /// Delivers up to `max_messages` / `max_bytes` of `topic` to `group`,
+    /// appending deliveries to `out` (a deliveries body whose count the
+    /// caller patches). Due redeliveries come first, then new messages.
+    /// Messages out of deliveries go to the dead-letter topic on the way.
+    pub async fn poll(
+        &self,
+        topic: &Arc<Topic>,
+        partition: u32,
+        group: &str,
+        max_messages: u32,
+        max_bytes: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<u32, BrokerError> {
+        let indexes: Vec<u32> = if partition == ANY_PARTITION {
+            let n = topic.meta.partitions;
+            let first = topic.next_round_robin();
+            (0..n).map(|i| (first + i) % n).collect()
+        } else {
+            topic.partition(partition)?;
+            vec![partition]
+        };
+        let policy = topic.policy(self.config.unacked_max);
+        let start_len = out.len();
+        let mut count = 0u32;
+        for index in indexes {
+            if count >= max_messages || out.len() - start_len >= max_bytes as usize {
+                break;
+            }
+            let p = &topic.partitions[index as usize];
+            let dead = {
+                let now = now_ms();
+                let mut groups = p.groups.lock().expect("groups lock");
+                let state = match groups.get_mut(group) {
+                    Some(s) => s,
+                    None => {
+                        let start = p.log.start_offset();
+                        if let Some(store) = self.groups().as_ref() {
+                            store.write_nowait((&topic.name, index, group), &Entry::Join { start });
+                        }
+                        groups
+                            .entry(group.to_owned())
+                            .or_insert(GroupPartitionState::new(start))
+                    }
+                };
+                state.skip_to(p.log.start_offset());
+                let dead = state.expire(now, &policy);
+                let budget = |count: u32, out: &Vec<u8>| {
+                    (
+                        (max_messages - count) as usize,
+                        (max_bytes as usize).saturating_sub(out.len() - start_len),
+                    )
+                };
+                let (n, _) = budget(count, out);
+                for (offset, attempt) in state.take_redeliveries(now, n, &policy) {
+                    let batch = p.log.read(offset, 1, 1)?;
+                    let first = batch.iter().next();
+                    if let Some(record) = first {
+                        let r = record?;
+                        encode_delivery(
+                            out,
+                            index,
+                            r.offset,
+                            attempt,
+                            r.timestamp_ms,
+                            r.id,
+                            r.key.as_deref(),
+                            &r.headers,
+                            &r.payload,
+                        );
+                        count += 1;
+                    }
+                }
+                let end = p.log.next_offset();
+                let (n, bytes) = budget(count, out);
+                let allowance = state.new_allowance(end, &policy).min(n as u64);
+                if allowance > 0 && bytes > 0 {
+                    let batch = p.log.read(state.next(), allowance as usize, bytes)?;
+                    let mut delivered = 0u64;
+                    for record in batch.iter() {
+                        let r = record?;
+                        encode_delivery(
+                            out,
+                            index,
+                            r.offset,
+                            1,
+                            r.timestamp_ms,
+                            r.id,
+                            r.key.as_deref(),
+                            &r.headers,
+                            &r.payload,
+                        );
+                        delivered += 1;
+                    }
+                    state.mark_delivered(delivered, now, &policy);
+                    count += delivered as u32;
+                }
+                dead
+            };
+            if !dead.is_empty() {
+                self.dead_letter(topic, p, group, dead).await?;
+            }
+        }
+        Ok(count)
+    }
+
+    /// The soonest time a redelivery is due on any partition of `topic`
+    /// for `group`.
+    pub fn next_due_ms(&self, topic: &Topic, group: &str) -> Option<u64> {
+        topic
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                let groups = p.groups.lock().expect("groups lock");
+                let s = groups.get(group)?;
+                let timeout = if s.in_flight() > 0 {
+                    Some(now_ms() + 50)
+                } else {
+                    None
+                };
+                match (s.next_due_ms(), timeout) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
+            .min()
+    }
+
+    /// Copies dead messages to `<topic>.dlq` with headers saying where they
+    /// came from, then acks them for the group.
+    async fn dead_letter(
+        &self,
+        topic: &Arc<Topic>,
+        p: &Arc<Partition>,
+        group: &str,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), BrokerError> {
+        let dlq_name = format!("{}{DLQ_SUFFIX}", topic.name);
+        let dlq = self.create_topic_named(
+            &body::CreateTopic {
+                topic: dlq_name.clone(),
+                partitions: 1,
+                if_not_exists: true,
+                config: TopicConfig::default(),
+            },
+            false,
+        )?;
+        let mut owned = Vec::with_capacity(dead.len());
+        for d in &dead {
+            let batch = p.log.read(d.offset, 1, 1)?;
+            let first = batch.iter().next();
+            let Some(record) = first else {
+                continue;
+            };
+            let r = record?;
+            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = HeaderIter::new(&r.headers)
+                .filter_map(|h| h.ok())
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            for (n, v) in [
+                (DLQ_HEADER_TOPIC, topic.name.clone()),
+                (DLQ_HEADER_PARTITION, p.index.to_string()),
+                (DLQ_HEADER_OFFSET, r.offset.to_string()),
+                (DLQ_HEADER_ATTEMPTS, d.attempts.to_string()),
+                (DLQ_HEADER_GROUP, group.to_owned()),
+            ] {
+                pairs.push((n.as_bytes().to_vec(), v.into_bytes()));
+            }
+            let refs: Vec<(&[u8], &[u8])> = pairs.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+            let headers = encode_headers(&refs).unwrap_or_default();
+            // One copy per group: the id is the original's mixed with the
+            // group, so the DLQ's dedup window absorbs a repeated move.
+            let id = InnerMsgId(r.id.0 ^ (u128::from(foldhash_str(group)) << 64) ^ 0xd1);
+            owned.push((id, r.key.clone(), headers, r.payload.clone(), r.offset));
+        }
+        let msgs: Vec<Message<'_>> = owned
+            .iter()
+            .map(|(id, key, headers, payload, _)| Message {
+                id: *id,
+                key: key.as_deref(),
+                headers,
+                payload,
+            })
+            .collect();
+        let dp = dlq.partition(0)?.clone();
+        let appended = dp.log.append(&msgs)?;
+        dlq.appended.notify_waiters();
+        if self.config.flush == FlushMode::Sync {
+            dp.durable(appended.durable_target()).await?;
+        }
+        let offsets: Vec<u64> = owned.iter().map(|o| o.4).collect();
+        {
+            let mut groups = p.groups.lock().expect("groups lock");
+            if let Some(state) = groups.get_mut(group) {
+                for &o in &offsets {
+                    state.ack(o);
+                }
+            }
+        }
+        tracing::warn!(topic = %topic.name, partition = p.index, group, count = offsets.len(), "messages moved to {dlq_name}");
+        let wait = self
+            .groups()
+            .as_ref()
+            .map(|s| s.write((&topic.name, p.index, group), &Entry::Acks { offsets }));
+        if let Some(w) = wait {
+            w.await
+                .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+                .map_err(BrokerError::Durability)?;
+        }
+        Ok(())
+    }
+
+    /// Acks (or with `nack`, gives up on) deliveries. Returns how many were
+    /// in flight, and completes once the acks are durable under sync
+    /// flush.
+    pub async fn ack(&self, req: &AckRequest, nack: bool) -> Result<u32, BrokerError> {
+        let topic = self.topic(&req.topic)?;
+        let policy = topic.policy(self.config.unacked_max);
+        let mut by_partition: HashMap<u32, Vec<u64>> = HashMap::new();
+        for &(p, o) in &req.entries {
+            topic.partition(p)?;
+            by_partition.entry(p).or_default().push(o);
+        }
+        let mut effective = 0u32;
+        let mut waits = Vec::new();
+        for (index, offsets) in by_partition {
+            let p = topic.partitions[index as usize].clone();
+            let mut acked = Vec::new();
+            let mut dead = Vec::new();
+            {
+                let mut groups = p.groups.lock().expect("groups lock");
+                let Some(state) = groups.get_mut(&req.group) else {
+                    continue;
+                };
+                let now = now_ms();
+                for o in offsets {
+                    if nack {
+                        let delay =
+                            (req.delay_ms != NACK_DEFAULT_DELAY).then_some(req.delay_ms as u64);
+                        if let Some(d) = state.nack(o, now, delay, &policy) {
+                            effective += 1;
+                            dead.extend(d);
+                        }
+                    } else if state.ack(o) {
+                        effective += 1;
+                        acked.push(o);
+                    }
+                }
+            }
+            if !acked.is_empty() {
+                if let Some(s) = self.groups().as_ref() {
+                    waits.push(s.write(
+                        (&topic.name, index, &req.group),
+                        &Entry::Acks { offsets: acked },
+                    ));
+                }
+            }
+            if !dead.is_empty() {
+                self.dead_letter(&topic, &p, &req.group, dead).await?;
+            }
+        }
+        topic.appended.notify_waiters();
+        for w in waits {
+            w.await
+                .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+                .map_err(BrokerError::Durability)?;
+        }
+        Ok(effective)
+    }
+
+    /// Flushes every log, writes every clean-shutdown marker and stops the
+    /// helper threads. Call once no connection uses the broker any more.
+    pub fn close(&self) -> Result<(), BrokerError> {
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .write()
+            .expect("topics lock")
+            .drain()
+            .map(|(_, t)| t)
+            .collect();
+        if let Some(store) = self.groups().take() {
+            store.close();
+        }
+        let mut first_error = None;
+        for mut topic in topics {
+            // Tasks that were polling let go of the topic within a moment.
+            for _ in 0..200 {
+                if Arc::strong_count(&topic) == 1 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let topic = loop {
+                match Arc::try_unwrap(topic) {
+                    Ok(t) => break Some(t),
+                    Err(t) if Arc::strong_count(&t) > 1 => {
+                        for p in &t.partitions {
+                            if let Err(e) = p.log.flush() {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                        tracing::warn!(topic = %t.name, "still in use at close: flushed, but without the clean marker");
+                        break None;
+                    }
+                    Err(t) => topic = t,
+                }
+            };
+            let Some(topic) = topic else { continue };
+            for p in topic.partitions {
+                p.waiter.lock().expect("waiter lock").stop();
+                let Ok(p) = Arc::try_unwrap(p) else { continue };
+                let result = match Arc::try_unwrap(p.log) {
+                    Ok(log) => log.close(),
+                    Err(log) => log.flush(),
+                };
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn snapshot_groups(topics: &Topics) -> Vec<(GroupKey, Entry)> {
+    let topics: Vec<Arc<Topic>> = topics
+        .read()
+        .expect("topics lock")
+        .values()
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    for t in topics {
+        for p in &t.partitions {
+            for (g, s) in p.groups.lock().expect("groups lock").iter() {
+                out.push((
+                    (t.name.clone(), p.index, g.clone()),
+                    Entry::Snapshot {
+                        committed: s.committed(),
+                        acked_above: s.acked_above(),
+                    },
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The partition a key maps to: stable across restarts and clients.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    (foldhash_bytes(key) % partitions as u64) as u32
+}
+
+fn foldhash_bytes(bytes: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0x0b1d_a5ee_d000_0001).build_hasher();
+    h.write(bytes);
+    h.finish()
+}
+
+fn foldhash_str(s: &str) -> u64 {
+    foldhash_bytes(s.as_bytes())
+}

@@ -1,0 +1,590 @@
+//! The TCP edge (tokio): accepts connections, decodes frames, runs each
+//! request against the [`Broker`], writes responses and pushes.
+//!
+//! Per connection there is a reader (this file's `connection`), a writer
+//! task fed by a bounded channel, and a task per waiting request (a sync
+//! produce waiting for durability, a long-polling fetch, an ack waiting for
+//! its record) or per subscription. Appends run on the reader, in frame
+//! order, so a client's pipelined batches to one partition are stored in
+//! the order sent. At most `inflight_max` requests per connection are
+//! unanswered: beyond that the reader stops reading and TCP pushes back.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::{now_ms, Broker, BrokerError, Topic};
+use crate::log::FlushMode;
+use crate::protocol::body::{
+    self, AckRequest, Credit, ErrorBody, Fetch, GroupPartition, Hello, HelloReply, ProduceReply,
+    Subscribe, TopicSummary, ANY_PARTITION,
+};
+use crate::protocol::frame::{self, FLAG_PUSH, FLAG_RESPONSE};
+use crate::protocol::{
+    ErrorCode, FrameHeader, Opcode, WireError, FRAME_BYTES_MAX, FRAME_HEADER_LEN,
+};
+
+/// Bytes of deliveries in one FETCH reply or DELIVER push, at most.
+pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
+/// Deliveries in one DELIVER push, at most.
+pub const PUSH_MESSAGES_MAX: u32 = 4096;
+/// A long poll waits at most this long.
+pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+/// How long a stopping broker waits for connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Builds a frame in place: header, then the body written by `body`.
+fn build(
+    opcode: Opcode,
+    flags: u16,
+    correlation_id: u64,
+    body: impl FnOnce(&mut Vec<u8>),
+) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    frame::encode_header(&mut out, opcode, flags, correlation_id, 0);
+    body(&mut out);
+    frame::patch_length(&mut out);
+    Bytes::from(out)
+}
+
+fn error_frame(correlation_id: u64, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    build(Opcode::Error, FLAG_RESPONSE, correlation_id, |o| {
+        ErrorBody::new(code, message).encode(o)
+    })
+}
+
+/// Accepts connections until `shutdown` completes, then stops every
+/// connection (each is told with a SHUTTING_DOWN error) and waits up to
+/// five seconds for them. The caller closes the broker afterwards.
+pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let config = broker.config().clone();
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tasks.spawn(connection(broker.clone(), stream, permit, stop_rx.clone()));
+                    }
+                    Err(_) => {
+                        tasks.spawn(refuse(stream, config.max_connections));
+                    }
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    broker.begin_stop();
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "connections still open after the grace period; aborting them"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn refuse(mut stream: TcpStream, max: usize) {
+    let f = error_frame(
+        0,
+        ErrorCode::TooManyConnections,
+        format!("the broker holds its maximum of {max} connections"),
+    );
+    let _ = stream.write_all(&f).await;
+    let _ = stream.shutdown().await;
+}
+
+struct Subscription {
+    credit: AtomicU32,
+    changed: Notify,
+    cancelled: AtomicBool,
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    tx: mpsc::Sender<Bytes>,
+    inflight: Arc<Semaphore>,
+    inflight_max: u32,
+    subs: Mutex<HashMap<u64, Arc<Subscription>>>,
+}
+
+impl Conn {
+    async fn send(&self, frame: Bytes) {
+        // Fails only once the writer is gone, i.e. the connection is dead.
+        let _ = self.tx.send(frame).await;
+    }
+
+    fn reply(&self, h: &FrameHeader, body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        build(h.opcode, FLAG_RESPONSE, h.correlation_id, body)
+    }
+
+    fn idle(&self) -> bool {
+        self.inflight.available_permits() == self.inflight_max as usize
+            && self.subs.lock().expect("subs").is_empty()
+    }
+}
+
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(f) = rx.recv().await {
+        if w.write_all(&f).await.is_err() {
+            return;
+        }
+        while let Ok(f) = rx.try_recv() {
+            if w.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn connection(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = stream.peer_addr().ok();
+    let config = broker.config().clone();
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Bytes>(config.inflight_max as usize + 16);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let conn = Arc::new(Conn {
+        broker,
+        tx,
+        inflight: Arc::new(Semaphore::new(config.inflight_max as usize)),
+        inflight_max: config.inflight_max,
+        subs: Mutex::new(HashMap::new()),
+    });
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    'connection: loop {
+        loop {
+            match frame::decode_header(&buf) {
+                Ok(Some(h)) if buf.len() >= FRAME_HEADER_LEN + h.body_len => {
+                    let whole = buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
+                    let body = whole.slice(FRAME_HEADER_LEN..);
+                    let permit = match conn.inflight.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break 'connection,
+                    };
+                    if let Err(e) = dispatch(&conn, h, body, permit).await {
+                        tracing::debug!(?peer, error = %e, "closing connection after a protocol error");
+                        conn.send(error_frame(h.correlation_id, e.code(), e.to_string()))
+                            .await;
+                        break 'connection;
+                    }
+                }
+                Ok(Some(h)) => {
+                    buf.reserve(FRAME_HEADER_LEN + h.body_len - buf.len());
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(?peer, error = %e, "closing connection after a bad frame");
+                    conn.send(error_frame(0, e.code(), e.to_string())).await;
+                    break 'connection;
+                }
+            }
+        }
+        tokio::select! {
+            read = rd.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = stop.changed() => {
+                conn.send(error_frame(0, ErrorCode::ShuttingDown, "the broker is stopping")).await;
+                break;
+            }
+            _ = tokio::time::sleep(idle) => {
+                if conn.idle() {
+                    tracing::debug!(?peer, "closing idle connection");
+                    break;
+                }
+            }
+        }
+    }
+    for sub in conn.subs.lock().expect("subs").drain() {
+        sub.1.cancelled.store(true, Ordering::Release);
+        sub.1.changed.notify_one();
+    }
+    // Let requests in flight finish and their replies be written, then the
+    // writer ends when the last sender is dropped.
+    let _ = tokio::time::timeout(
+        SHUTDOWN_GRACE,
+        conn.inflight.acquire_many(conn.inflight_max),
+    )
+    .await;
+    drop(conn);
+    let _ = writer.await;
+}
+
+/// An error that closes the connection.
+#[derive(Debug)]
+struct Fatal(WireError);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Fatal {
+    fn code(&self) -> ErrorCode {
+        self.0.code()
+    }
+}
+
+impl From<WireError> for Fatal {
+    fn from(e: WireError) -> Self {
+        Fatal(e)
+    }
+}
+
+fn broker_error(h: &FrameHeader, e: &BrokerError) -> Bytes {
+    error_frame(h.correlation_id, e.code(), e.to_string())
+}
+
+async fn dispatch(
+    conn: &Arc<Conn>,
+    h: FrameHeader,
+    body: Bytes,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), Fatal> {
+    if h.flags != 0 {
+        return Err(WireError::Malformed(
+            "a request may not carry the RESPONSE or PUSH flag".into(),
+        )
+        .into());
+    }
+    let broker = &conn.broker;
+    match h.opcode {
+        Opcode::Hello => {
+            let hello = Hello::decode(&body)?;
+            if !(hello.version_min..=hello.version_max).contains(&frame::VERSION) {
+                return Err(WireError::UnsupportedVersion(hello.version_max).into());
+            }
+            let reply = HelloReply {
+                version: frame::VERSION,
+                frame_bytes_max: FRAME_BYTES_MAX as u32,
+                inflight_max: conn.inflight_max,
+                server: format!("bida {}", env!("CARGO_PKG_VERSION")),
+            };
+            conn.send(conn.reply(&h, |o| reply.encode(o))).await;
+        }
+        Opcode::Ping => conn.send(conn.reply(&h, |_| {})).await,
+        Opcode::CreateTopic => {
+            let req = body::CreateTopic::decode(&body)?;
+            let result = tokio::task::block_in_place(|| broker.create_topic(&req));
+            conn.send(match result {
+                Ok(t) => conn.reply(&h, |o| t.summary().encode_one(o)),
+                Err(e) => broker_error(&h, &e),
+            })
+            .await;
+        }
+        Opcode::ListTopics => {
+            if !body.is_empty() {
+                return Err(WireError::Malformed("LIST_TOPICS has an empty body".into()).into());
+            }
+            let list = broker.list_topics();
+            conn.send(conn.reply(&h, |o| TopicSummary::encode_list(&list, o)))
+                .await;
+        }
+        Opcode::DescribeTopic => {
+            let name = body::decode_topic_name(&body)?;
+            conn.send(match broker.describe_topic(name) {
+                Ok(d) => conn.reply(&h, |o| d.encode(o)),
+                Err(e) => broker_error(&h, &e),
+            })
+            .await;
+        }
+        Opcode::GroupPosition => {
+            let (topic, group) = body::decode_group_position(&body)?;
+            conn.send(match broker.topic(topic) {
+                Ok(t) => {
+                    let positions = broker.positions(&t, group);
+                    conn.reply(&h, |o| GroupPartition::encode_list(&positions, o))
+                }
+                Err(e) => broker_error(&h, &e),
+            })
+            .await;
+        }
+        Opcode::Produce => {
+            let req = body::decode_produce(&body)?;
+            match broker.produce(&req) {
+                Err(e) => conn.send(broker_error(&h, &e)).await,
+                Ok((partition, appended)) => {
+                    let index = partition.index;
+                    let reply = move |appended: &crate::log::Appended| {
+                        build(Opcode::Produce, FLAG_RESPONSE, h.correlation_id, |o| {
+                            ProduceReply::encode_from(
+                                index,
+                                appended.outcomes.iter().map(|a| body::ProduceOutcome {
+                                    offset: a.offset,
+                                    duplicate: a.duplicate,
+                                }),
+                                o,
+                            )
+                        })
+                    };
+                    if broker.config().flush == FlushMode::Sync {
+                        let conn = conn.clone();
+                        tokio::spawn(async move {
+                            let frame = match partition.durable(appended.durable_target()).await {
+                                Ok(()) => reply(&appended),
+                                Err(e) => broker_error(&h, &e),
+                            };
+                            conn.send(frame).await;
+                            drop(permit);
+                        });
+                        return Ok(());
+                    }
+                    conn.send(reply(&appended)).await;
+                }
+            }
+        }
+        Opcode::Fetch => {
+            let req = Fetch::decode(&body)?;
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let frame = fetch(&conn.broker, &h, &req).await;
+                conn.send(frame).await;
+                drop(permit);
+            });
+            return Ok(());
+        }
+        Opcode::Subscribe => {
+            let req = Subscribe::decode(&body)?;
+            let topic = match broker.topic(&req.topic) {
+                Ok(t) => t,
+                Err(e) => {
+                    conn.send(broker_error(&h, &e)).await;
+                    return Ok(());
+                }
+            };
+            if let Err(reason) = body::check_name("group", &req.group) {
+                conn.send(broker_error(&h, &BrokerError::InvalidName(reason)))
+                    .await;
+                return Ok(());
+            }
+            let sub = Arc::new(Subscription {
+                credit: AtomicU32::new(req.credit),
+                changed: Notify::new(),
+                cancelled: AtomicBool::new(false),
+            });
+            conn.subs
+                .lock()
+                .expect("subs")
+                .insert(h.correlation_id, sub.clone());
+            conn.send(conn.reply(&h, |_| {})).await;
+            tokio::spawn(push_loop(
+                conn.clone(),
+                sub,
+                topic,
+                req.group,
+                h.correlation_id,
+            ));
+        }
+        Opcode::Credit | Opcode::Unsubscribe => {
+            let req = Credit::decode(&body)?;
+            let sub = conn
+                .subs
+                .lock()
+                .expect("subs")
+                .get(&req.subscription)
+                .cloned();
+            let frame = match sub {
+                None => broker_error(&h, &BrokerError::UnknownSubscription(req.subscription)),
+                Some(sub) => {
+                    if h.opcode == Opcode::Unsubscribe {
+                        conn.subs.lock().expect("subs").remove(&req.subscription);
+                        sub.cancelled.store(true, Ordering::Release);
+                    } else {
+                        let _ = sub
+                            .credit
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                                Some(c.saturating_add(req.credit))
+                            });
+                    }
+                    sub.changed.notify_one();
+                    conn.reply(&h, |_| {})
+                }
+            };
+            conn.send(frame).await;
+        }
+        Opcode::Ack | Opcode::Nack => {
+            let req = AckRequest::decode(&body)?;
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let frame = match conn.broker.ack(&req, h.opcode == Opcode::Nack).await {
+                    Ok(n) => build(h.opcode, FLAG_RESPONSE, h.correlation_id, |o| {
+                        body::encode_u32(n, o)
+                    }),
+                    Err(e) => broker_error(&h, &e),
+                };
+                conn.send(frame).await;
+                drop(permit);
+            });
+            return Ok(());
+        }
+        Opcode::Deliver | Opcode::Error => {
+            return Err(WireError::Malformed(format!("{:?} is not a request", h.opcode)).into());
+        }
+    }
+    drop(permit);
+    Ok(())
+}
+
+/// Starts a deliveries body in a frame: header, then a `u32` count to patch.
+fn deliveries_frame(opcode: Opcode, flags: u16, correlation_id: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 << 10);
+    frame::encode_header(&mut out, opcode, flags, correlation_id, 0);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out
+}
+
+fn finish_deliveries(mut out: Vec<u8>, count: u32) -> Bytes {
+    out[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&count.to_le_bytes());
+    frame::patch_length(&mut out);
+    Bytes::from(out)
+}
+
+/// How long to sleep before looking again: until the next redelivery is
+/// due or `deadline_ms`, whichever is first.
+fn wait_ms(broker: &Broker, topic: &Topic, group: &str, deadline_ms: u64) -> u64 {
+    let now = now_ms();
+    let until = broker
+        .next_due_ms(topic, group)
+        .map_or(deadline_ms, |d| d.min(deadline_ms));
+    until.saturating_sub(now).max(1)
+}
+
+async fn fetch(broker: &Arc<Broker>, h: &FrameHeader, req: &Fetch) -> Bytes {
+    if let Err(reason) = body::check_name("group", &req.group) {
+        return broker_error(h, &BrokerError::InvalidName(reason));
+    }
+    let topic = match broker.topic(&req.topic) {
+        Ok(t) => t,
+        Err(e) => return broker_error(h, &e),
+    };
+    let max_messages = req.max_messages.clamp(1, body::PRODUCE_MESSAGES_MAX as u32);
+    let max_bytes = req.max_bytes.clamp(1, DELIVERY_BYTES_MAX);
+    let deadline_ms = now_ms() + req.max_wait_ms.min(FETCH_WAIT_MS_MAX) as u64;
+    loop {
+        let notified = topic.appended.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut out = deliveries_frame(Opcode::Fetch, FLAG_RESPONSE, h.correlation_id);
+        match broker
+            .poll(
+                &topic,
+                req.partition,
+                &req.group,
+                max_messages,
+                max_bytes,
+                &mut out,
+            )
+            .await
+        {
+            Err(e) => return broker_error(h, &e),
+            Ok(n) if n > 0 || now_ms() >= deadline_ms || broker.is_stopping() => {
+                return finish_deliveries(out, n)
+            }
+            Ok(_) => {
+                let wait = wait_ms(broker, &topic, &req.group, deadline_ms);
+                let _ = tokio::time::timeout(Duration::from_millis(wait), notified).await;
+            }
+        }
+    }
+}
+
+async fn push_loop(
+    conn: Arc<Conn>,
+    sub: Arc<Subscription>,
+    topic: Arc<Topic>,
+    group: String,
+    correlation_id: u64,
+) {
+    loop {
+        if sub.cancelled.load(Ordering::Acquire) || conn.broker.is_stopping() {
+            return;
+        }
+        let changed = sub.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let credit = sub.credit.load(Ordering::Acquire);
+        if credit == 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+            continue;
+        }
+        let appended = topic.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let mut out = deliveries_frame(Opcode::Deliver, FLAG_PUSH, correlation_id);
+        let max = credit.min(PUSH_MESSAGES_MAX);
+        match conn
+            .broker
+            .poll(
+                &topic,
+                ANY_PARTITION,
+                &group,
+                max,
+                DELIVERY_BYTES_MAX,
+                &mut out,
+            )
+            .await
+        {
+            Err(e) => {
+                tracing::warn!(topic = %topic.name, group, error = %e, "subscription poll failed");
+                let f = error_frame(correlation_id, e.code(), e.to_string());
+                conn.send(f).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(0) => {
+                let wait = wait_ms(&conn.broker, &topic, &group, now_ms() + 1000);
+                tokio::select! {
+                    _ = appended => {}
+                    _ = changed => {}
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                }
+            }
+            Ok(n) => {
+                sub.credit.fetch_sub(n, Ordering::AcqRel);
+                conn.send(finish_deliveries(out, n)).await;
+            }
+        }
+    }
+}

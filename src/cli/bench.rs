@@ -1,0 +1,450 @@
+//! `bida bench`: the load generator. Producers send batches with a window
+//! of batches in flight; consumers pull and ack. Reports msgs/s, MB/s, and
+//! ack and end-to-end latency percentiles from HDR histograms.
+//!
+//! Without `--broker` it starts a broker in this process on a fresh data
+//! directory (`--data`, removed afterwards unless `--keep-data`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use bida::broker::{server, Broker, BrokerConfig};
+use bida::client::{Client, Consumer, ConsumerOptions, Producer, ProducerOptions};
+
+use super::FlushArg;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Broker to load; without it, a broker is started in this process.
+    #[arg(long)]
+    broker: Option<SocketAddr>,
+    /// Embedded broker: data directory (created; removed afterwards).
+    #[arg(long, default_value = "./bida-bench-data")]
+    data: PathBuf,
+    /// Embedded broker: keep the data directory afterwards.
+    #[arg(long)]
+    keep_data: bool,
+    /// Embedded broker: flush mode.
+    #[arg(long, value_enum, default_value_t = FlushArg::Sync)]
+    flush: FlushArg,
+    /// Topic; default: a fresh `bench-<time>`.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    #[arg(long, default_value_t = 1)]
+    consumers: u32,
+    /// Payload bytes per message (at least 8: the send time).
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Messages per produce batch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Batches in flight per producer.
+    #[arg(long, default_value_t = 16)]
+    inflight: usize,
+    /// Messages per producer.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Stop producing after this many seconds even if --count is not reached.
+    #[arg(long, default_value_t = 60)]
+    duration_s: u64,
+    /// Messages per second per producer (default: as fast as it goes).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Percentiles {
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    broker: String,
+    flush: String,
+    size: usize,
+    batch: usize,
+    inflight: usize,
+    producers: u32,
+    consumers: u32,
+    partitions: u32,
+    produced: u64,
+    produce_seconds: f64,
+    produce_msgs_per_s: f64,
+    produce_mb_per_s: f64,
+    consumed: u64,
+    consume_seconds: f64,
+    consume_msgs_per_s: f64,
+    consume_mb_per_s: f64,
+    ack_latency: Percentiles,
+    end_to_end_latency: Option<Percentiles>,
+    failed_batches: u64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
+}
+
+pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if args.size < 8 {
+        return Err("--size must be at least 8 (the payload carries its send time)".into());
+    }
+    if args.batch == 0 || args.inflight == 0 || args.producers == 0 {
+        return Err("--batch, --inflight and --producers must be at least 1".into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let embedded_dir = args.broker.is_none().then(|| args.data.clone());
+    if let Some(dir) = &embedded_dir {
+        if dir.exists() {
+            return Err(
+                format!("{} exists; remove it or pass another --data", dir.display()).into(),
+            );
+        }
+    }
+    let result = runtime.block_on(bench(&args));
+    if let Some(dir) = embedded_dir {
+        if !args.keep_data {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.failed_batches > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "bida bench: {} producers, {} consumers, {} partitions, {} B messages, batch {}, {} in flight, flush {}",
+        r.producers, r.consumers, r.partitions, r.size, r.batch, r.inflight, r.flush
+    );
+    println!(
+        "produce: {} msgs in {:.2} s = {:.0} msgs/s, {:.1} MB/s",
+        r.produced, r.produce_seconds, r.produce_msgs_per_s, r.produce_mb_per_s
+    );
+    let a = &r.ack_latency;
+    println!(
+        "  ack latency   p50 {} us  p99 {} us  p999 {} us  max {} us",
+        a.p50_us, a.p99_us, a.p999_us, a.max_us
+    );
+    if r.consumers > 0 {
+        println!(
+            "consume: {} msgs in {:.2} s = {:.0} msgs/s, {:.1} MB/s",
+            r.consumed, r.consume_seconds, r.consume_msgs_per_s, r.consume_mb_per_s
+        );
+        if let Some(e) = &r.end_to_end_latency {
+            println!(
+                "  end-to-end    p50 {} us  p99 {} us  p999 {} us  max {} us",
+                e.p50_us, e.p99_us, e.p999_us, e.max_us
+            );
+        }
+    }
+    if r.failed_batches > 0 {
+        println!("FAILED batches: {}", r.failed_batches);
+    }
+}
+
+async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
+    let flush_name;
+    let (addr, embedded) = match args.broker {
+        Some(a) => {
+            flush_name = "broker's".to_owned();
+            (a, None)
+        }
+        None => {
+            let config = BrokerConfig {
+                data_dir: args.data.clone(),
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                flush: bida::broker::config::parse_flush(
+                    match args.flush {
+                        FlushArg::Sync => "sync",
+                        FlushArg::Async => "async",
+                    },
+                    None,
+                    None,
+                )?,
+                ..BrokerConfig::default()
+            };
+            flush_name = format!("{:?}", args.flush).to_lowercase();
+            let broker = tokio::task::block_in_place(|| Broker::open(config))?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let b = broker.clone();
+            let task = tokio::spawn(async move {
+                server::serve(b, listener, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+            (addr, Some((broker, stop_tx, task)))
+        }
+    };
+    let topic = args
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", now_ns() / 1_000_000));
+    let admin = Client::connect(addr).await?;
+    admin
+        .create_topic(&topic, args.partitions, true, Default::default())
+        .await?;
+    let total = args.count * args.producers as u64;
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} acked  {per_sec}  {elapsed}")
+            .expect("template"),
+    );
+    let produced = Arc::new(AtomicU64::new(0));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let ack_hist = Arc::new(Mutex::new(histogram()));
+    let e2e_hist = Arc::new(Mutex::new(histogram()));
+    let producing_done = Arc::new(AtomicBool::new(false));
+
+    // Consumers first, so they are waiting when messages arrive.
+    let consume_start = Instant::now();
+    let last_consumed = Arc::new(Mutex::new(Instant::now()));
+    let mut consumers = Vec::new();
+    for _ in 0..args.consumers {
+        let client = Client::connect(addr).await?;
+        let options = ConsumerOptions {
+            max_messages: (args.batch as u32).max(1000),
+            max_bytes: 8 << 20,
+            max_wait: Duration::from_millis(100),
+            credit: 0,
+        };
+        let consumer = Arc::new(Consumer::new(client, &topic, "bench", options));
+        let (consumed, e2e, done, last) = (
+            consumed.clone(),
+            e2e_hist.clone(),
+            producing_done.clone(),
+            last_consumed.clone(),
+        );
+        consumers.push(tokio::spawn(async move {
+            let acks = Arc::new(Semaphore::new(8));
+            let mut local = histogram();
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                if consumed.load(Ordering::Relaxed) >= total {
+                    break;
+                }
+                let batch = match consumer.fetch().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("bida bench: fetch failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if batch.is_empty() {
+                    // Give up once producing ended and nothing came for 5 s.
+                    if done.load(Ordering::Relaxed) {
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(5) {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                idle_since = None;
+                let now = now_ns();
+                for d in &batch {
+                    if let Some(ts) = d.payload.get(..8) {
+                        let sent = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
+                        let _ = local.record(now.saturating_sub(sent) / 1000 + 1);
+                    }
+                }
+                consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                *last.lock().expect("last") = Instant::now();
+                let permit = acks.clone().acquire_owned().await.expect("semaphore");
+                let c = consumer.clone();
+                tokio::spawn(async move {
+                    let refs: Vec<_> = batch.iter().collect();
+                    if let Err(e) = c.ack(&refs).await {
+                        eprintln!("bida bench: ack failed: {e}");
+                    }
+                    drop(permit);
+                });
+            }
+            let _ = acks.acquire_many(8).await;
+            e2e.lock().expect("hist").add(&local).expect("same bounds");
+        }));
+    }
+
+    let produce_start = Instant::now();
+    let deadline = produce_start + Duration::from_secs(args.duration_s);
+    let mut producers = Vec::new();
+    for p in 0..args.producers {
+        let client = Client::connect(addr).await?;
+        let options = ProducerOptions {
+            inflight_batches_max: args.inflight,
+            ..ProducerOptions::default()
+        };
+        let producer = Arc::new(Producer::new(client, &topic, options).await?);
+        let (produced, failed, ack_hist, progress) = (
+            produced.clone(),
+            failed.clone(),
+            ack_hist.clone(),
+            progress.clone(),
+        );
+        let (count, batch, size, inflight, rate, partitions) = (
+            args.count,
+            args.batch,
+            args.size,
+            args.inflight,
+            args.rate,
+            args.partitions,
+        );
+        producers.push(tokio::spawn(async move {
+            let window = Arc::new(Semaphore::new(inflight));
+            let local = Arc::new(Mutex::new(histogram()));
+            let mut buf = vec![0u8; size * batch];
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let mut sent = 0u64;
+            let mut n_batch = 0u64;
+            while sent < count && Instant::now() < deadline {
+                if let Some(rate) = rate {
+                    let due = produce_start + Duration::from_secs_f64(sent as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let permit = window.clone().acquire_owned().await.expect("semaphore");
+                let n = (count - sent).min(batch as u64) as usize;
+                let ts = now_ns().to_le_bytes();
+                for m in 0..n {
+                    buf[m * size..m * size + 8].copy_from_slice(&ts);
+                }
+                let partition = ((p as u64 + n_batch) % partitions as u64) as u32;
+                n_batch += 1;
+                let started = Instant::now();
+                let encoded =
+                    producer.encode_payloads(Some(partition), buf[..n * size].chunks(size));
+                let fut = producer.send_encoded(encoded);
+                let (produced, failed, local, progress) = (
+                    produced.clone(),
+                    failed.clone(),
+                    local.clone(),
+                    progress.clone(),
+                );
+                let handle = tokio::spawn(async move {
+                    let r = fut.await;
+                    drop(permit);
+                    match r {
+                        Ok(_) => {
+                            let us = started.elapsed().as_micros() as u64 + 1;
+                            let _ = local.lock().expect("hist").record_n(us, n as u64);
+                            produced.fetch_add(n as u64, Ordering::Relaxed);
+                            progress.inc(n as u64);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("bida bench: batch failed: {e}");
+                        }
+                    }
+                });
+                drop(handle);
+                sent += n as u64;
+            }
+            let _ = window.acquire_many(inflight as u32).await;
+            ack_hist
+                .lock()
+                .expect("hist")
+                .add(&*local.lock().expect("hist"))
+                .expect("same bounds");
+        }));
+    }
+    for p in producers {
+        p.await?;
+    }
+    let produce_seconds = produce_start.elapsed().as_secs_f64();
+    producing_done.store(true, Ordering::Relaxed);
+    for c in consumers {
+        c.await?;
+    }
+    progress.finish_and_clear();
+    let consume_seconds = last_consumed
+        .lock()
+        .expect("last")
+        .duration_since(consume_start)
+        .as_secs_f64();
+    if let Some((broker, stop, task)) = embedded {
+        let _ = stop.send(());
+        let _ = task.await;
+        tokio::task::block_in_place(|| broker.close())?;
+    }
+    let produced = produced.load(Ordering::Relaxed);
+    let consumed = consumed.load(Ordering::Relaxed);
+    let mb = |n: u64, s: f64| n as f64 * args.size as f64 / s / 1e6;
+    let e2e = e2e_hist.lock().expect("hist").clone();
+    let ack = ack_hist.lock().expect("hist").clone();
+    Ok(Report {
+        broker: addr.to_string(),
+        flush: flush_name,
+        size: args.size,
+        batch: args.batch,
+        inflight: args.inflight,
+        producers: args.producers,
+        consumers: args.consumers,
+        partitions: args.partitions,
+        produced,
+        produce_seconds,
+        produce_msgs_per_s: produced as f64 / produce_seconds,
+        produce_mb_per_s: mb(produced, produce_seconds),
+        consumed,
+        consume_seconds,
+        consume_msgs_per_s: consumed as f64 / consume_seconds.max(1e-9),
+        consume_mb_per_s: mb(consumed, consume_seconds.max(1e-9)),
+        ack_latency: Percentiles::of(&ack),
+        end_to_end_latency: (!e2e.is_empty()).then(|| Percentiles::of(&e2e)),
+        failed_batches: failed.load(Ordering::Relaxed),
+    })
+}

@@ -1,0 +1,156 @@
+//! `bida serve`: run the broker until SIGINT or SIGTERM, then flush every
+//! log and write the clean-shutdown markers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bida::broker::config::parse_flush;
+use bida::broker::{server, Broker, BrokerConfig};
+
+use super::FlushArg;
+
+/// Flags override the config file, which overrides the defaults.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Data directory [default: ./bida-data]
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port, printed at start
+    /// [default: 127.0.0.1:7878]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// When a produce is acked: sync = once durable, async = at once,
+    /// flushed in the background [default: sync]
+    #[arg(long, value_enum)]
+    pub flush: Option<FlushArg>,
+    /// Async flush: flush at least this often [default: 100]
+    #[arg(long)]
+    pub flush_interval_ms: Option<u64>,
+    /// Async flush: flush after this many bytes [default: 16777216]
+    #[arg(long)]
+    pub flush_bytes: Option<u64>,
+    /// A TOML file setting any broker option by name (see docs/OPERATIONS.md)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Segment size of each partition [default: 268435456]
+    #[arg(long)]
+    pub segment_bytes: Option<u64>,
+    /// Partitions of topics created without a count [default: 1]
+    #[arg(long)]
+    pub default_partitions: Option<u32>,
+    /// Unacked deliveries are redelivered after this [default: 30000]
+    #[arg(long)]
+    pub ack_timeout_ms: Option<u32>,
+    /// Deliveries before a message goes to <topic>.dlq [default: 16]
+    #[arg(long)]
+    pub max_deliveries: Option<u16>,
+    /// Most simultaneous connections [default: 10000]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Unanswered requests per connection before the broker stops reading
+    /// it [default: 1024]
+    #[arg(long)]
+    pub inflight_max: Option<u32>,
+    /// Close connections idle (nothing in flight, no subscription) this
+    /// long [default: 300000]
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// Inner-msg-ids remembered per partition for dedup [default: 2000000]
+    #[arg(long)]
+    pub dedup_window_ids: Option<u64>,
+}
+
+impl Args {
+    pub fn config(&self) -> Result<BrokerConfig, String> {
+        let mut c = BrokerConfig::default();
+        if let Some(path) = &self.config {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            c.apply_file(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if let Some(v) = &self.data {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(f) = self.flush {
+            let mode = match f {
+                FlushArg::Sync => "sync",
+                FlushArg::Async => "async",
+            };
+            c.flush = parse_flush(mode, self.flush_interval_ms, self.flush_bytes)?;
+        }
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field = v; })* };
+        }
+        set!(
+            segment_bytes,
+            default_partitions,
+            ack_timeout_ms,
+            max_deliveries,
+            max_connections,
+            inflight_max,
+            idle_timeout_ms,
+            dedup_window_ids
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Lets the broker hold as many sockets as the hard limit allows.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let config = args.config()?;
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bida-net")
+        .build()?;
+    runtime.block_on(async move {
+        let started = std::time::Instant::now();
+        let broker = tokio::task::block_in_place(|| Broker::open(config.clone()))?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            %addr,
+            data = %config.data_dir.display(),
+            flush = ?config.flush,
+            topics = broker.list_topics().len(),
+            open_ms = started.elapsed().as_millis() as u64,
+            "bida is serving"
+        );
+        // Tests and scripts read this line to learn the port.
+        println!("bida: listening on {addr}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        server::serve(broker.clone(), listener, shutdown_signal()).await;
+        tracing::info!("stopping: flushing every log");
+        let broker = Arc::clone(&broker);
+        tokio::task::block_in_place(|| broker.close())?;
+        tracing::info!("stopped cleanly");
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+    }
+}

@@ -1,0 +1,232 @@
+//! One pipelined connection: any number of requests in flight, answers
+//! matched by correlation id, pushes routed to their subscription.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::ClientError;
+use crate::protocol::body::{decode_deliveries, Delivery, ErrorBody, Hello, HelloReply};
+use crate::protocol::frame::{self, VERSION};
+use crate::protocol::{Opcode, FRAME_HEADER_LEN};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, ClientError>>>>>;
+type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>>>>;
+
+pub struct Connection {
+    tx: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    pushes: Pushes,
+    next_id: AtomicU64,
+    closed: Arc<AtomicBool>,
+    pub server: String,
+}
+
+impl Connection {
+    /// Connects and says HELLO.
+    pub async fn connect(addr: SocketAddr) -> Result<Arc<Connection>, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr,
+                source: Arc::new(source),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let pending: Pending = Arc::default();
+        let pushes: Pushes = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(async move {
+            let mut w = BufWriter::with_capacity(256 << 10, wr);
+            while let Some(f) = rx.recv().await {
+                if w.write_all(&f).await.is_err() {
+                    return;
+                }
+                while let Ok(f) = rx.try_recv() {
+                    if w.write_all(&f).await.is_err() {
+                        return;
+                    }
+                }
+                if w.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        {
+            let pending = pending.clone();
+            let pushes = pushes.clone();
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let error = read_loop(&mut rd, &pending, &pushes).await;
+                closed.store(true, Ordering::Release);
+                for (_, p) in pending.lock().expect("pending").drain() {
+                    let _ = p.send(Err(error.clone()));
+                }
+                for (_, p) in pushes.lock().expect("pushes").drain() {
+                    let _ = p.send(Err(error.clone()));
+                }
+            });
+        }
+        let mut conn = Connection {
+            tx,
+            pending,
+            pushes,
+            next_id: AtomicU64::new(1),
+            closed,
+            server: String::new(),
+        };
+        let mut body = Vec::new();
+        Hello {
+            version_min: VERSION,
+            version_max: VERSION,
+            client: format!("bida-rust {}", env!("CARGO_PKG_VERSION")),
+        }
+        .encode(&mut body);
+        let reply = HelloReply::decode(&conn.request(Opcode::Hello, &body).await?)?;
+        conn.server = reply.server;
+        Ok(Arc::new(conn))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn next_correlation(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a request and returns the body of its answer (an ERROR answer
+    /// becomes `ClientError::Broker`).
+    pub async fn request(&self, opcode: Opcode, body: &[u8]) -> Result<Bytes, ClientError> {
+        let id = self.next_correlation();
+        let (done, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, done);
+        if self.is_closed()
+            || self
+                .tx
+                .send(Bytes::from(frame::encode(opcode, 0, id, body)))
+                .is_err()
+        {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(ClientError::Closed);
+        }
+        // Dropped without an answer: the connection died.
+        let result = rx.await.unwrap_or(Err(ClientError::Closed));
+        if result.is_err() {
+            self.pending.lock().expect("pending").remove(&id);
+        }
+        result
+    }
+
+    /// Registers a subscription's push channel under the SUBSCRIBE's
+    /// correlation id, then sends it.
+    pub async fn subscribe(
+        &self,
+        body: &[u8],
+    ) -> Result<
+        (
+            u64,
+            mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
+        ),
+        ClientError,
+    > {
+        let id = self.next_correlation();
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        self.pushes.lock().expect("pushes").insert(id, push_tx);
+        let (done, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, done);
+        if self
+            .tx
+            .send(Bytes::from(frame::encode(Opcode::Subscribe, 0, id, body)))
+            .is_err()
+        {
+            return Err(ClientError::Closed);
+        }
+        match rx.await.unwrap_or(Err(ClientError::Closed)) {
+            Ok(_) => Ok((id, push_rx)),
+            Err(e) => {
+                self.pushes.lock().expect("pushes").remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn forget_subscription(&self, id: u64) {
+        self.pushes.lock().expect("pushes").remove(&id);
+    }
+}
+
+async fn read_loop(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    pending: &Pending,
+    pushes: &Pushes,
+) -> ClientError {
+    let mut buf = BytesMut::with_capacity(256 << 10);
+    loop {
+        loop {
+            let h = match frame::decode_header(&buf) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return ClientError::Protocol(e),
+            };
+            if buf.len() < FRAME_HEADER_LEN + h.body_len {
+                buf.reserve(FRAME_HEADER_LEN + h.body_len - buf.len());
+                break;
+            }
+            let whole = buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
+            let body = whole.slice(FRAME_HEADER_LEN..);
+            if h.is_push() {
+                let deliveries = decode_deliveries(&body).map_err(ClientError::Protocol);
+                if let Some(p) = pushes.lock().expect("pushes").get(&h.correlation_id) {
+                    let _ = p.send(deliveries);
+                }
+                continue;
+            }
+            let result = if h.opcode == Opcode::Error {
+                Err(match ErrorBody::decode(&body) {
+                    Ok(e) => ClientError::Broker {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    Err(e) => ClientError::Protocol(e),
+                })
+            } else {
+                Ok(body)
+            };
+            if h.opcode == Opcode::Error && h.correlation_id == 0 {
+                // A connection-level error: the broker closes after it.
+                if let Err(e) = result {
+                    return e;
+                }
+                continue;
+            }
+            let waiter = pending.lock().expect("pending").remove(&h.correlation_id);
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(result);
+                }
+                None => {
+                    // An error for a subscription's pushes.
+                    if let Err(e) = result {
+                        if let Some(p) = pushes.lock().expect("pushes").get(&h.correlation_id) {
+                            let _ = p.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return ClientError::Closed,
+            Ok(_) => {}
+            Err(_) => return ClientError::Closed,
+        }
+    }
+}

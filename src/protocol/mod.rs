@@ -1,0 +1,244 @@
+//! The wire protocol: frames ([`frame`]) and the bodies of each operation
+//! ([`body`]). Pure codecs: no I/O, no async. The whole protocol is
+//! specified in docs/PROTOCOL.md; this module is its reference
+//! implementation.
+
+pub mod body;
+pub mod frame;
+
+use thiserror::Error;
+
+pub use frame::{FrameHeader, Opcode, FRAME_BYTES_MAX, FRAME_HEADER_LEN};
+
+/// Why bytes are not a valid frame or body.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame length {length} exceeds the maximum of {max} bytes")]
+    FrameTooLarge { length: usize, max: usize },
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown opcode {0:#04x}")]
+    UnknownOpcode(u8),
+    #[error("body ends at byte {offset}: {need} more bytes needed, {have} left")]
+    UnexpectedEof {
+        offset: usize,
+        need: usize,
+        have: usize,
+    },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl WireError {
+    /// The error code sent back for this violation.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
+            WireError::UnexpectedEof { .. } | WireError::Malformed(_) => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $value:expr,)*) => {
+        /// The numeric code of an ERROR frame. Codes below 100 close the
+        /// connection after the error frame is sent.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ErrorCode { $($(#[$doc])* $name = $value,)* }
+
+        impl ErrorCode {
+            pub fn from_u16(v: u16) -> Option<ErrorCode> {
+                match v { $($value => Some(ErrorCode::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame or its body could not be decoded. Closes the connection.
+    MalformedFrame = 1,
+    /// The frame's length exceeds FRAME_BYTES_MAX. Closes the connection.
+    FrameTooLarge = 2,
+    /// Closes the connection.
+    UnsupportedVersion = 3,
+    /// Closes the connection.
+    UnknownOpcode = 4,
+    /// The broker is at its connection limit. Closes the connection.
+    TooManyConnections = 5,
+    /// The broker is stopping. Closes the connection.
+    ShuttingDown = 6,
+    UnknownTopic = 100,
+    TopicExists = 101,
+    InvalidTopicName = 102,
+    UnknownPartition = 103,
+    /// A message of the batch is invalid (sizes, header block); nothing of
+    /// the batch was stored.
+    InvalidMessage = 104,
+    /// A request field is out of range (e.g. zero partitions).
+    InvalidRequest = 105,
+    UnknownSubscription = 106,
+    /// The storage failed (I/O error). Retriable on another attempt.
+    Storage = 200,
+    /// No space left on the device. Retriable once space is freed.
+    DiskFull = 201,
+}
+
+impl ErrorCode {
+    /// Errors after which the sender closes the connection.
+    pub fn closes_connection(self) -> bool {
+        (self as u16) < 100
+    }
+
+    /// Errors worth retrying with the same request.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Storage | ErrorCode::DiskFull | ErrorCode::ShuttingDown
+        )
+    }
+}
+
+/// Reads fields off a body, checking every length against what is left
+/// and against the field's named maximum.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, at: 0 }
+    }
+
+    pub fn position(&self) -> usize {
+        self.at
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let have = self.remaining();
+        if n > have {
+            return Err(WireError::UnexpectedEof {
+                offset: self.at,
+                need: n,
+                have,
+            });
+        }
+        let out = &self.buf[self.at..self.at + n];
+        self.at += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        Ok(self.bytes(N)?.try_into().expect("N bytes"))
+    }
+
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    pub fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub fn u128(&mut self) -> Result<u128, WireError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+
+    /// A `u16`-length-prefixed UTF-8 string of at most `max` bytes.
+    pub fn str(&mut self, what: &str, max: usize) -> Result<&'a str, WireError> {
+        let len = self.u16()? as usize;
+        if len > max {
+            return Err(WireError::Malformed(format!(
+                "{what} of {len} bytes exceeds {max}"
+            )));
+        }
+        std::str::from_utf8(self.bytes(len)?)
+            .map_err(|_| WireError::Malformed(format!("{what} is not UTF-8")))
+    }
+
+    /// A count of items that take at least `min_item_bytes` each, checked
+    /// against `max` and against the bytes left, so a hostile count cannot
+    /// make the caller reserve memory for items that are not there.
+    pub fn count(
+        &mut self,
+        what: &str,
+        max: usize,
+        min_item_bytes: usize,
+    ) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(WireError::Malformed(format!(
+                "{what} count {n} exceeds {max}"
+            )));
+        }
+        if n.saturating_mul(min_item_bytes) > self.remaining() {
+            return Err(WireError::UnexpectedEof {
+                offset: self.at,
+                need: n.saturating_mul(min_item_bytes),
+                have: self.remaining(),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Fails unless the whole body was consumed.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if self.remaining() != 0 {
+            return Err(WireError::Malformed(format!(
+                "{} trailing bytes after the body",
+                self.remaining()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Writes fields of a body.
+pub trait Put {
+    fn put_u8(&mut self, v: u8);
+    fn put_u16(&mut self, v: u16);
+    fn put_u32(&mut self, v: u32);
+    fn put_u64(&mut self, v: u64);
+    fn put_u128(&mut self, v: u128);
+    fn put_bytes(&mut self, v: &[u8]);
+    /// A `u16`-length-prefixed string. Panics past 65535 bytes: callers
+    /// validate names first.
+    fn put_str(&mut self, v: &str);
+}
+
+impl Put for Vec<u8> {
+    fn put_u8(&mut self, v: u8) {
+        self.push(v)
+    }
+    fn put_u16(&mut self, v: u16) {
+        self.extend_from_slice(&v.to_le_bytes())
+    }
+    fn put_u32(&mut self, v: u32) {
+        self.extend_from_slice(&v.to_le_bytes())
+    }
+    fn put_u64(&mut self, v: u64) {
+        self.extend_from_slice(&v.to_le_bytes())
+    }
+    fn put_u128(&mut self, v: u128) {
+        self.extend_from_slice(&v.to_le_bytes())
+    }
+    fn put_bytes(&mut self, v: &[u8]) {
+        self.extend_from_slice(v)
+    }
+    fn put_str(&mut self, v: &str) {
+        let len = u16::try_from(v.len()).expect("string longer than 65535 bytes");
+        self.put_u16(len);
+        self.extend_from_slice(v.as_bytes());
+    }
+}
