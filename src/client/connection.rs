@@ -19,6 +19,27 @@ use crate::protocol::{Opcode, FRAME_HEADER_LEN};
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, ClientError>>>>>;
 type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>>>>;
 
+/// The answer to a queued request.
+pub struct Answer {
+    rx: oneshot::Receiver<Result<Bytes, ClientError>>,
+    id: u64,
+    pending: Pending,
+}
+
+impl Answer {
+    pub async fn wait(mut self) -> Result<Bytes, ClientError> {
+        // Dropped without an answer: the connection died.
+        (&mut self.rx).await.unwrap_or(Err(ClientError::Closed))
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Abandoned (timed out): forget it, so a late answer is discarded.
+        self.pending.lock().expect("pending").remove(&self.id);
+    }
+}
+
 pub struct Connection {
     tx: mpsc::UnboundedSender<Bytes>,
     pending: Pending,
@@ -103,9 +124,9 @@ impl Connection {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends a request and returns the body of its answer (an ERROR answer
-    /// becomes `ClientError::Broker`).
-    pub async fn request(&self, opcode: Opcode, body: &[u8]) -> Result<Bytes, ClientError> {
+    /// Queues a request on the connection now (so requests go out in the
+    /// order of these calls) and returns where its answer will arrive.
+    pub fn start_request(&self, opcode: Opcode, body: &[u8]) -> Result<Answer, ClientError> {
         let id = self.next_correlation();
         let (done, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(id, done);
@@ -118,12 +139,17 @@ impl Connection {
             self.pending.lock().expect("pending").remove(&id);
             return Err(ClientError::Closed);
         }
-        // Dropped without an answer: the connection died.
-        let result = rx.await.unwrap_or(Err(ClientError::Closed));
-        if result.is_err() {
-            self.pending.lock().expect("pending").remove(&id);
-        }
-        result
+        Ok(Answer {
+            rx,
+            id,
+            pending: self.pending.clone(),
+        })
+    }
+
+    /// Sends a request and returns the body of its answer (an ERROR answer
+    /// becomes `ClientError::Broker`).
+    pub async fn request(&self, opcode: Opcode, body: &[u8]) -> Result<Bytes, ClientError> {
+        self.start_request(opcode, body)?.wait().await
     }
 
     /// Registers a subscription's push channel under the SUBSCRIBE's

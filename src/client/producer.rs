@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{Client, ClientError};
+use super::{Client, ClientError, Connection};
 use crate::broker::partition_for_key;
 use crate::log::record::{encode_headers, InnerMsgId};
 use crate::protocol::body::{encode_produce_message, ProduceReply, TopicConfig};
@@ -178,6 +178,11 @@ struct Shared {
     topic: String,
     options: ProducerOptions,
     inflight: Arc<Semaphore>,
+    /// Tickets handed out so far, and the first ticket not yet sent.
+    tickets: AtomicU64,
+    turns: tokio::sync::watch::Sender<u64>,
+    /// Batches the batcher has handed to tasks and not seen answered.
+    queued: Arc<Semaphore>,
 }
 
 impl Producer {
@@ -202,6 +207,9 @@ impl Producer {
             client,
             topic: topic.to_owned(),
             inflight: Arc::new(Semaphore::new(options.inflight_batches_max)),
+            tickets: AtomicU64::new(0),
+            turns: tokio::sync::watch::Sender::new(0),
+            queued: Arc::new(Semaphore::new(options.inflight_batches_max * 2)),
             options,
         });
         let (tx, rx) = mpsc::channel(shared.options.batch_messages_max.max(1) * 4);
@@ -320,10 +328,10 @@ impl Producer {
             ids.push(id);
             body.extend_from_slice(&enc);
         }
-        let _permit = self.shared.inflight.clone().acquire_owned().await;
+        let ticket = self.shared.take_ticket();
         let reply = self
             .shared
-            .send_with_retry(Bytes::from(body), msgs.len())
+            .send_with_retry(Bytes::from(body), msgs.len(), ticket)
             .await?;
         Ok(receipts(&ids, &reply))
     }
@@ -362,9 +370,11 @@ impl Producer {
         batch: EncodedBatch,
     ) -> impl std::future::Future<Output = Result<Vec<Receipt>, ClientError>> + Send + 'static {
         let shared = self.shared.clone();
+        let ticket = shared.take_ticket();
         async move {
-            let _permit = shared.inflight.clone().acquire_owned().await;
-            let reply = shared.send_with_retry(batch.body, batch.ids.len()).await?;
+            let reply = shared
+                .send_with_retry(batch.body, batch.ids.len(), ticket)
+                .await?;
             Ok(receipts(&batch.ids, &reply))
         }
     }
@@ -377,6 +387,9 @@ impl Producer {
             let _ = rx.await;
         }
         let all = self.shared.options.inflight_batches_max as u32;
+        if let Ok(p) = self.shared.queued.acquire_many(all * 2).await {
+            drop(p);
+        }
         if let Ok(p) = self.shared.inflight.acquire_many(all).await {
             drop(p);
         }
@@ -396,23 +409,58 @@ fn receipts(ids: &[InnerMsgId], reply: &ProduceReply) -> Vec<Receipt> {
 }
 
 impl Shared {
+    /// A place in the order in which batches are first sent.
+    fn take_ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Sends the same PRODUCE body until it is answered, a non-retriable
-    /// error comes back, or the attempts run out.
+    /// error comes back, or the attempts run out. First attempts go out in
+    /// ticket order (so one producer's batches to a partition are stored
+    /// in the order they were made), each once it holds one of the
+    /// `inflight_batches_max` permits; retries go out when their turn
+    /// comes.
     async fn send_with_retry(
         &self,
         body: Bytes,
         count: usize,
+        ticket: u64,
     ) -> Result<ProduceReply, ClientError> {
         let opts = &self.options;
+        let mut turn = self.turns.subscribe();
+        let _ = turn.wait_for(|t| *t >= ticket).await;
+        let permit = self.inflight.clone().acquire_owned().await;
+        let start = |conn: &Connection| conn.start_request(Opcode::Produce, &body);
+        let first = match tokio::time::timeout(opts.request_timeout, self.client.connection()).await
+        {
+            Ok(Ok(conn)) => start(&conn),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout(opts.request_timeout)),
+        };
+        self.turns.send_modify(|t| *t = (*t).max(ticket + 1));
+        let mut queued = Some(first);
         let mut last = ClientError::Closed;
         for attempt in 1..=opts.attempts.max(1) {
-            let result = tokio::time::timeout(opts.request_timeout, async {
-                let conn = self.client.connection().await?;
-                conn.request(Opcode::Produce, &body).await
-            })
-            .await;
+            let answer = match queued.take() {
+                Some(a) => a,
+                None => match tokio::time::timeout(opts.request_timeout, self.client.connection())
+                    .await
+                {
+                    Ok(Ok(conn)) => start(&conn),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(ClientError::Timeout(opts.request_timeout)),
+                },
+            };
+            let result = match answer {
+                Err(e) => Err(e),
+                Ok(a) => match tokio::time::timeout(opts.request_timeout, a.wait()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClientError::Timeout(opts.request_timeout)),
+                },
+            };
             match result {
-                Ok(Ok(reply)) => {
+                Ok(reply) => {
+                    drop(permit);
                     let reply = ProduceReply::decode(&reply)?;
                     if reply.outcomes.len() != count {
                         return Err(ClientError::Invalid(format!(
@@ -422,9 +470,8 @@ impl Shared {
                     }
                     return Ok(reply);
                 }
-                Ok(Err(e)) if !e.is_retriable() => return Err(e),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = ClientError::Timeout(opts.request_timeout),
+                Err(e) if !e.is_retriable() => return Err(e),
+                Err(e) => last = e,
             }
             if attempt < opts.attempts {
                 tracing::debug!(attempt, error = %last, topic = %self.topic, "produce retry");
@@ -516,13 +563,14 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
         for mut b in ready {
             let n = b.ids.len() as u32;
             b.body[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
-            let Ok(permit) = shared.inflight.clone().acquire_owned().await else {
+            let Ok(permit) = shared.queued.clone().acquire_owned().await else {
                 return;
             };
             let shared = shared.clone();
+            let ticket = shared.take_ticket();
             tokio::spawn(async move {
                 let result = shared
-                    .send_with_retry(Bytes::from(b.body), b.ids.len())
+                    .send_with_retry(Bytes::from(b.body), b.ids.len(), ticket)
                     .await;
                 drop(permit);
                 match result {
@@ -548,7 +596,7 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
         let n = b.ids.len() as u32;
         b.body[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
         let result = shared
-            .send_with_retry(Bytes::from(b.body), b.ids.len())
+            .send_with_retry(Bytes::from(b.body), b.ids.len(), shared.take_ticket())
             .await;
         for (i, done) in b.done.into_iter().enumerate() {
             done.complete(match &result {

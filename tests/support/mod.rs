@@ -107,3 +107,5 @@ pub fn flip_bit(path: &Path, at: u64, bit: u8) {
     bytes[at as usize] ^= 1 << bit;
     std::fs::write(path, bytes).unwrap();
 }
+
+pub mod broker;
