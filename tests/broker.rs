@@ -246,7 +246,7 @@ async fn lossy_proxy(broker: SocketAddr, drop_every: u64) -> SocketAddr {
                         let f: Vec<u8> = buf.drain(..len).collect();
                         n_frame += 1;
                         // Never drop HELLO answers, so connections come up.
-                        if h.opcode == Opcode::Produce && n_frame % drop_every == 0 {
+                        if h.opcode == Opcode::Produce && n_frame.is_multiple_of(drop_every) {
                             continue;
                         }
                         tokio::time::sleep(Duration::from_millis(n_frame % 5)).await;
