@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::log::FlushMode;
+use crate::log::{FlushMode, WritePath};
 use crate::protocol::body::{Backoff, PARTITIONS_MAX};
 
 /// The port `bida serve` listens on by default.
@@ -21,6 +21,8 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Default: `FlushMode::Sync` (a produce is acked once durable).
     pub flush: FlushMode,
+    /// How partitions write (see `log::WritePath`). Default: `Auto`.
+    pub write_path: WritePath,
     /// Segment size of every partition. Default: 256 MiB.
     pub segment_bytes: u64,
     /// Largest record. Default: 1 MiB.
@@ -68,6 +70,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./bida-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             flush: FlushMode::Sync,
+            write_path: WritePath::Auto,
             segment_bytes: 256 << 20,
             record_bytes_max: 1 << 20,
             dedup_window_ids: 2_000_000,
@@ -156,6 +159,9 @@ impl BrokerConfig {
         if let Some(flush) = f.flush {
             self.flush = parse_flush(&flush, f.flush_interval_ms, f.flush_bytes)?;
         }
+        if let Some(w) = f.write_path {
+            self.write_path = parse_write_path(&w)?;
+        }
         if let Some(b) = f.backoff {
             self.backoff = match b.kind.as_str() {
                 "fixed" => Backoff::Fixed {
@@ -194,9 +200,22 @@ pub fn parse_flush(
     }
 }
 
+/// `auto`, `pwrite` or `mmap`.
+pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
+    match s {
+        "auto" => Ok(WritePath::Auto),
+        "pwrite" => Ok(WritePath::Pwrite),
+        "mmap" => Ok(WritePath::Mmap),
+        other => Err(format!(
+            "write_path must be auto, pwrite or mmap, got {other:?}"
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    write_path: Option<String>,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     flush: Option<String>,

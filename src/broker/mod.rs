@@ -358,6 +358,7 @@ impl Broker {
     fn log_options(&self) -> Options {
         let mut o = Options {
             flush: self.config.flush,
+            write_path: self.config.write_path,
             segment_bytes: self.config.segment_bytes,
             record_bytes_max: self.config.record_bytes_max,
             ..Options::default()

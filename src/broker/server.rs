@@ -39,6 +39,8 @@ pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
 pub const PUSH_MESSAGES_MAX: u32 = 4096;
 /// A long poll waits at most this long.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+/// Bytes the reader asks the socket for at once, at least.
+const READ_CHUNK_BYTES: usize = 1 << 20;
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -156,11 +158,11 @@ impl Conn {
 async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some(f) = rx.recv().await {
-        if w.write_all(&f).await.is_err() {
+        if crate::protocol::write_frame(&mut w, &f).await.is_err() {
             return;
         }
         while let Ok(f) = rx.try_recv() {
-            if w.write_all(&f).await.is_err() {
+            if crate::protocol::write_frame(&mut w, &f).await.is_err() {
                 return;
             }
         }
@@ -219,6 +221,11 @@ async fn connection(
                     break 'connection;
                 }
             }
+        }
+        // Read as much as the socket has, not one frame at a time: every
+        // extra wake-up costs more than the copy.
+        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+            buf.reserve(READ_CHUNK_BYTES);
         }
         tokio::select! {
             read = rd.read_buf(&mut buf) => match read {

@@ -31,6 +31,10 @@ pub struct Args {
     /// Async flush: flush after this many bytes [default: 16777216]
     #[arg(long)]
     pub flush_bytes: Option<u64>,
+    /// How partitions write: auto = pwrite under sync, mmap under async
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    pub write_path: Option<super::WritePathArg>,
     /// A TOML file setting any broker option by name (see docs/OPERATIONS.md)
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -83,6 +87,13 @@ impl Args {
                 FlushArg::Async => "async",
             };
             c.flush = parse_flush(mode, self.flush_interval_ms, self.flush_bytes)?;
+        }
+        if let Some(w) = self.write_path {
+            c.write_path = match w {
+                super::WritePathArg::Auto => bida::log::WritePath::Auto,
+                super::WritePathArg::Pwrite => bida::log::WritePath::Pwrite,
+                super::WritePathArg::Mmap => bida::log::WritePath::Mmap,
+            };
         }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field = v; })* };

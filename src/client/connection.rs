@@ -16,6 +16,14 @@ use crate::protocol::body::{decode_deliveries, Delivery, ErrorBody, Hello, Hello
 use crate::protocol::frame::{self, VERSION};
 use crate::protocol::{Opcode, FRAME_HEADER_LEN};
 
+/// Correlation ids are unique in the process, so a frame built ahead (a
+/// producer's batch) keeps its id across attempts and connections.
+static NEXT_CORRELATION_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn next_correlation_id() -> u64 {
+    NEXT_CORRELATION_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, ClientError>>>>>;
 type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>>>>;
 
@@ -44,7 +52,6 @@ pub struct Connection {
     tx: mpsc::UnboundedSender<Bytes>,
     pending: Pending,
     pushes: Pushes,
-    next_id: AtomicU64,
     closed: Arc<AtomicBool>,
     pub server: String,
 }
@@ -67,11 +74,11 @@ impl Connection {
         tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(256 << 10, wr);
             while let Some(f) = rx.recv().await {
-                if w.write_all(&f).await.is_err() {
+                if crate::protocol::write_frame(&mut w, &f).await.is_err() {
                     return;
                 }
                 while let Ok(f) = rx.try_recv() {
-                    if w.write_all(&f).await.is_err() {
+                    if crate::protocol::write_frame(&mut w, &f).await.is_err() {
                         return;
                     }
                 }
@@ -100,7 +107,6 @@ impl Connection {
             tx,
             pending,
             pushes,
-            next_id: AtomicU64::new(1),
             closed,
             server: String::new(),
         };
@@ -121,7 +127,7 @@ impl Connection {
     }
 
     fn next_correlation(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        next_correlation_id()
     }
 
     /// Queues a request on the connection now (so requests go out in the
@@ -142,6 +148,29 @@ impl Connection {
         Ok(Answer {
             rx,
             id,
+            pending: self.pending.clone(),
+        })
+    }
+
+    /// Queues a whole frame built by the caller with `correlation_id` in
+    /// its header. Sending the same frame again (a retry) reuses the id: an
+    /// answer to either attempt answers both.
+    pub fn start_prebuilt(&self, correlation_id: u64, frame: Bytes) -> Result<Answer, ClientError> {
+        let (done, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending")
+            .insert(correlation_id, done);
+        if self.is_closed() || self.tx.send(frame).is_err() {
+            self.pending
+                .lock()
+                .expect("pending")
+                .remove(&correlation_id);
+            return Err(ClientError::Closed);
+        }
+        Ok(Answer {
+            rx,
+            id: correlation_id,
             pending: self.pending.clone(),
         })
     }
@@ -248,6 +277,9 @@ async fn read_loop(
                     }
                 }
             }
+        }
+        if buf.capacity() - buf.len() < (256 << 10) {
+            buf.reserve(1 << 20);
         }
         match rd.read_buf(&mut buf).await {
             Ok(0) => return ClientError::Closed,

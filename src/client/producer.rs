@@ -111,7 +111,7 @@ impl OutgoingMessage {
 
 /// A PRODUCE body ready to send, and its messages' ids.
 pub struct EncodedBatch {
-    body: Bytes,
+    frame: Prebuilt,
     ids: Vec<InnerMsgId>,
 }
 
@@ -317,21 +317,19 @@ impl Producer {
             return Ok(Vec::new());
         };
         let partition = self.partition_for(first.key.as_deref());
-        let mut body =
-            Vec::with_capacity(64 + msgs.iter().map(|m| 27 + m.payload.len()).sum::<usize>());
-        body.put_str(&self.topic);
-        body.put_u32(partition);
-        body.put_u32(msgs.len() as u32);
+        let capacity = 256 + msgs.iter().map(|m| 27 + m.payload.len()).sum::<usize>();
+        let (mut body, correlation_id) = start_frame(&self.topic, partition, capacity);
         let mut ids = Vec::with_capacity(msgs.len());
         for m in msgs {
             let (_, id, enc) = self.encode(m)?;
             ids.push(id);
             body.extend_from_slice(&enc);
         }
+        let frame = finish_frame(body, &self.topic, msgs.len(), correlation_id);
         let ticket = self.shared.take_ticket();
         let reply = self
             .shared
-            .send_with_retry(Bytes::from(body), msgs.len(), ticket)
+            .send_with_retry(frame, msgs.len(), ticket)
             .await?;
         Ok(receipts(&ids, &reply))
     }
@@ -347,10 +345,7 @@ impl Producer {
     ) -> EncodedBatch {
         let partition = partition.unwrap_or_else(|| self.partition_for(None));
         let n = payloads.len();
-        let mut body = Vec::new();
-        body.put_str(&self.topic);
-        body.put_u32(partition);
-        body.put_u32(n as u32);
+        let (mut body, correlation_id) = start_frame(&self.topic, partition, 4096);
         let mut ids = Vec::with_capacity(n);
         for p in payloads {
             let id = self.next_id();
@@ -358,7 +353,7 @@ impl Producer {
             encode_produce_message(id, None, &[], p, &mut body);
         }
         EncodedBatch {
-            body: Bytes::from(body),
+            frame: finish_frame(body, &self.topic, n, correlation_id),
             ids,
         }
     }
@@ -373,7 +368,7 @@ impl Producer {
         let ticket = shared.take_ticket();
         async move {
             let reply = shared
-                .send_with_retry(batch.body, batch.ids.len(), ticket)
+                .send_with_retry(batch.frame, batch.ids.len(), ticket)
                 .await?;
             Ok(receipts(&batch.ids, &reply))
         }
@@ -408,6 +403,35 @@ fn receipts(ids: &[InnerMsgId], reply: &ProduceReply) -> Vec<Receipt> {
         .collect()
 }
 
+/// A whole PRODUCE frame, built once and sent as is on every attempt.
+#[derive(Clone)]
+struct Prebuilt {
+    correlation_id: u64,
+    frame: Bytes,
+}
+
+/// Starts a PRODUCE frame: header (length patched later), topic,
+/// partition, a count patched later.
+fn start_frame(topic: &str, partition: u32, capacity: usize) -> (Vec<u8>, u64) {
+    let correlation_id = super::connection::next_correlation_id();
+    let mut out = Vec::with_capacity(capacity);
+    crate::protocol::frame::encode_header(&mut out, Opcode::Produce, 0, correlation_id, 0);
+    out.put_str(topic);
+    out.put_u32(partition);
+    out.put_u32(0);
+    (out, correlation_id)
+}
+
+fn finish_frame(mut out: Vec<u8>, topic: &str, count: usize, correlation_id: u64) -> Prebuilt {
+    let at = crate::protocol::FRAME_HEADER_LEN + 2 + topic.len() + 4;
+    out[at..at + 4].copy_from_slice(&(count as u32).to_le_bytes());
+    crate::protocol::frame::patch_length(&mut out);
+    Prebuilt {
+        correlation_id,
+        frame: Bytes::from(out),
+    }
+}
+
 impl Shared {
     /// A place in the order in which batches are first sent.
     fn take_ticket(&self) -> u64 {
@@ -422,7 +446,7 @@ impl Shared {
     /// comes.
     async fn send_with_retry(
         &self,
-        body: Bytes,
+        frame: Prebuilt,
         count: usize,
         ticket: u64,
     ) -> Result<ProduceReply, ClientError> {
@@ -430,7 +454,8 @@ impl Shared {
         let mut turn = self.turns.subscribe();
         let _ = turn.wait_for(|t| *t >= ticket).await;
         let permit = self.inflight.clone().acquire_owned().await;
-        let start = |conn: &Connection| conn.start_request(Opcode::Produce, &body);
+        let start =
+            |conn: &Connection| conn.start_prebuilt(frame.correlation_id, frame.frame.clone());
         let first = match tokio::time::timeout(opts.request_timeout, self.client.connection()).await
         {
             Ok(Ok(conn)) => start(&conn),
@@ -487,6 +512,7 @@ impl Shared {
 
 struct Batch {
     started: tokio::time::Instant,
+    correlation_id: u64,
     body: Vec<u8>,
     ids: Vec<InnerMsgId>,
     done: Vec<Done>,
@@ -494,12 +520,10 @@ struct Batch {
 
 impl Batch {
     fn new(topic: &str, partition: u32) -> Batch {
-        let mut body = Vec::with_capacity(4096);
-        body.put_str(topic);
-        body.put_u32(partition);
-        body.put_u32(0);
+        let (body, correlation_id) = start_frame(topic, partition, 4096);
         Batch {
             started: tokio::time::Instant::now(),
+            correlation_id,
             body,
             ids: Vec::new(),
             done: Vec::new(),
@@ -509,7 +533,6 @@ impl Batch {
 
 async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
     let mut batches: std::collections::HashMap<u32, Batch> = std::collections::HashMap::new();
-    let count_at = 2 + shared.topic.len() + 4;
     let linger = shared.options.linger;
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
@@ -561,17 +584,19 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
             }
         }
         for mut b in ready {
-            let n = b.ids.len() as u32;
-            b.body[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
+            let frame = finish_frame(
+                std::mem::take(&mut b.body),
+                &shared.topic,
+                b.ids.len(),
+                b.correlation_id,
+            );
             let Ok(permit) = shared.queued.clone().acquire_owned().await else {
                 return;
             };
             let shared = shared.clone();
             let ticket = shared.take_ticket();
             tokio::spawn(async move {
-                let result = shared
-                    .send_with_retry(Bytes::from(b.body), b.ids.len(), ticket)
-                    .await;
+                let result = shared.send_with_retry(frame, b.ids.len(), ticket).await;
                 drop(permit);
                 match result {
                     Ok(reply) => {
@@ -593,10 +618,14 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
     }
     // The producer was dropped: send what is left.
     for (_, mut b) in batches.drain() {
-        let n = b.ids.len() as u32;
-        b.body[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
+        let frame = finish_frame(
+            std::mem::take(&mut b.body),
+            &shared.topic,
+            b.ids.len(),
+            b.correlation_id,
+        );
         let result = shared
-            .send_with_retry(Bytes::from(b.body), b.ids.len(), shared.take_ticket())
+            .send_with_retry(frame, b.ids.len(), shared.take_ticket())
             .await;
         for (i, done) in b.done.into_iter().enumerate() {
             done.complete(match &result {
