@@ -39,8 +39,13 @@ pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
 pub const PUSH_MESSAGES_MAX: u32 = 4096;
 /// A long poll waits at most this long.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
-/// Bytes the reader asks the socket for at once, at least.
-const READ_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes the reader asks the socket for at once: it starts small (an idle
+/// connection costs little memory) and doubles, up to the maximum, while
+/// reads fill what it asked for.
+const READ_CHUNK_MIN: usize = 8 << 10;
+const READ_CHUNK_MAX: usize = 1 << 20;
+/// The writer's buffer; frames this large or larger skip it.
+const WRITE_BUFFER_BYTES: usize = 32 << 10;
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -156,7 +161,7 @@ impl Conn {
 }
 
 async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
     while let Some(f) = rx.recv().await {
         if crate::protocol::write_frame(&mut w, &f).await.is_err() {
             return;
@@ -192,7 +197,8 @@ async fn connection(
         subs: Mutex::new(HashMap::new()),
     });
     let idle = Duration::from_millis(config.idle_timeout_ms);
-    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut chunk = READ_CHUNK_MIN;
+    let mut buf = BytesMut::with_capacity(chunk);
     'connection: loop {
         loop {
             match frame::decode_header(&buf) {
@@ -224,12 +230,14 @@ async fn connection(
         }
         // Read as much as the socket has, not one frame at a time: every
         // extra wake-up costs more than the copy.
-        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
-            buf.reserve(READ_CHUNK_BYTES);
+        if buf.capacity() - buf.len() < chunk / 4 {
+            buf.reserve(chunk);
         }
+        let asked = buf.capacity() - buf.len();
         tokio::select! {
             read = rd.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => break,
+                Ok(n) if n == asked => chunk = (chunk * 2).min(READ_CHUNK_MAX),
                 Ok(_) => {}
             },
             _ = stop.changed() => {

@@ -35,7 +35,8 @@ pub struct Args {
     /// [default: auto]
     #[arg(long, value_enum)]
     pub write_path: Option<super::WritePathArg>,
-    /// A TOML file setting any broker option by name (see docs/OPERATIONS.md)
+    /// A TOML file setting any broker option by its name in
+    /// src/broker/config.rs (e.g. `flush = "async"`, `max_deliveries = 5`)
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Segment size of each partition [default: 268435456]

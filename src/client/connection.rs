@@ -72,7 +72,7 @@ impl Connection {
         let pushes: Pushes = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         tokio::spawn(async move {
-            let mut w = BufWriter::with_capacity(256 << 10, wr);
+            let mut w = BufWriter::with_capacity(32 << 10, wr);
             while let Some(f) = rx.recv().await {
                 if crate::protocol::write_frame(&mut w, &f).await.is_err() {
                     return;
@@ -224,7 +224,8 @@ async fn read_loop(
     pending: &Pending,
     pushes: &Pushes,
 ) -> ClientError {
-    let mut buf = BytesMut::with_capacity(256 << 10);
+    let mut chunk = 8 << 10;
+    let mut buf = BytesMut::with_capacity(chunk);
     loop {
         loop {
             let h = match frame::decode_header(&buf) {
@@ -278,11 +279,14 @@ async fn read_loop(
                 }
             }
         }
-        if buf.capacity() - buf.len() < (256 << 10) {
-            buf.reserve(1 << 20);
+        // Small while idle; doubles up to 1 MiB while reads fill it.
+        if buf.capacity() - buf.len() < chunk / 4 {
+            buf.reserve(chunk);
         }
+        let asked = buf.capacity() - buf.len();
         match rd.read_buf(&mut buf).await {
             Ok(0) => return ClientError::Closed,
+            Ok(n) if n == asked => chunk = (chunk * 2).min(1 << 20),
             Ok(_) => {}
             Err(_) => return ClientError::Closed,
         }

@@ -996,3 +996,24 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod doc_example {
+    /// The HELLO example in docs/PROTOCOL.md, byte for byte.
+    #[test]
+    fn hello_bytes_match_the_protocol_doc() {
+        let mut body = Vec::new();
+        super::Hello {
+            version_min: 1,
+            version_max: 1,
+            client: "x".into(),
+        }
+        .encode(&mut body);
+        let f = crate::protocol::frame::encode(crate::protocol::Opcode::Hello, 0, 1, &body);
+        let hex: Vec<String> = f.iter().map(|b| format!("{b:02X}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "15 00 00 00 DA B1 01 01 00 00 00 00 01 00 00 00 00 00 00 00 01 01 01 00 78"
+        );
+    }
+}

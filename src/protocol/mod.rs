@@ -11,7 +11,7 @@ use thiserror::Error;
 pub use frame::{FrameHeader, Opcode, FRAME_BYTES_MAX, FRAME_HEADER_LEN};
 
 /// Frames at least this large skip the writer's buffer.
-pub const DIRECT_WRITE_BYTES: usize = 64 << 10;
+pub const DIRECT_WRITE_BYTES: usize = 32 << 10;
 
 /// Writes a frame through a buffered writer; a large frame is written
 /// straight to the socket after what is buffered, instead of being copied
