@@ -38,9 +38,15 @@ pub struct Args {
     /// Topic; default: a fresh `bench-<time>`.
     #[arg(long)]
     topic: Option<String>,
+    /// Consumer group; default: a fresh `bench-<time>`, which reads the
+    /// topic from its start.
+    #[arg(long)]
+    group: Option<String>,
     /// Partitions of the topic when it is created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Producers; 0 consumes --count messages already in --topic (a
+    /// backlog), to measure consumption alone.
     #[arg(long, default_value_t = 1)]
     producers: u32,
     #[arg(long, default_value_t = 1)]
@@ -54,6 +60,9 @@ pub struct Args {
     /// Batches in flight per producer.
     #[arg(long, default_value_t = 16)]
     inflight: usize,
+    /// Deliveries per consumer fetch, at most.
+    #[arg(long, default_value_t = 4096)]
+    fetch_messages: u32,
     /// Messages per producer.
     #[arg(long, default_value_t = 1_000_000)]
     count: u64,
@@ -105,7 +114,7 @@ struct Report {
     consume_seconds: f64,
     consume_msgs_per_s: f64,
     consume_mb_per_s: f64,
-    ack_latency: Percentiles,
+    ack_latency: Option<Percentiles>,
     end_to_end_latency: Option<Percentiles>,
     failed_batches: u64,
 }
@@ -124,8 +133,11 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if args.size < 8 {
         return Err("--size must be at least 8 (the payload carries its send time)".into());
     }
-    if args.batch == 0 || args.inflight == 0 || args.producers == 0 {
-        return Err("--batch, --inflight and --producers must be at least 1".into());
+    if args.batch == 0 || args.inflight == 0 {
+        return Err("--batch and --inflight must be at least 1".into());
+    }
+    if args.producers == 0 && (args.topic.is_none() || args.consumers == 0) {
+        return Err("--producers 0 consumes a backlog: it needs --topic and --consumers".into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -162,15 +174,18 @@ fn print_report(r: &Report) {
         "bida bench: {} producers, {} consumers, {} partitions, {} B messages, batch {}, {} in flight, flush {}",
         r.producers, r.consumers, r.partitions, r.size, r.batch, r.inflight, r.flush
     );
-    println!(
-        "produce: {} msgs in {:.2} s = {:.0} msgs/s, {:.1} MB/s",
-        r.produced, r.produce_seconds, r.produce_msgs_per_s, r.produce_mb_per_s
-    );
-    let a = &r.ack_latency;
-    println!(
-        "  ack latency   p50 {} us  p99 {} us  p999 {} us  max {} us",
-        a.p50_us, a.p99_us, a.p999_us, a.max_us
-    );
+    if r.producers > 0 {
+        println!(
+            "produce: {} msgs in {:.2} s = {:.0} msgs/s, {:.1} MB/s",
+            r.produced, r.produce_seconds, r.produce_msgs_per_s, r.produce_mb_per_s
+        );
+    }
+    if let Some(a) = &r.ack_latency {
+        println!(
+            "  ack latency   p50 {} us  p99 {} us  p999 {} us  max {} us",
+            a.p50_us, a.p99_us, a.p999_us, a.max_us
+        );
+    }
     if r.consumers > 0 {
         println!(
             "consume: {} msgs in {:.2} s = {:.0} msgs/s, {:.1} MB/s",
@@ -232,7 +247,11 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     admin
         .create_topic(&topic, args.partitions, true, Default::default())
         .await?;
-    let total = args.count * args.producers as u64;
+    let total = args.count * args.producers.max(1) as u64;
+    let group = args
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", now_ns() / 1_000_000));
     let progress = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -256,12 +275,12 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     for _ in 0..args.consumers {
         let client = Client::connect(addr).await?;
         let options = ConsumerOptions {
-            max_messages: (args.batch as u32).max(1000),
+            max_messages: args.fetch_messages,
             max_bytes: 8 << 20,
             max_wait: Duration::from_millis(100),
             credit: 0,
         };
-        let consumer = Arc::new(Consumer::new(client, &topic, "bench", options));
+        let consumer = Arc::new(Consumer::new(client, &topic, &group, options));
         let (consumed, e2e, done, last) = (
             consumed.clone(),
             e2e_hist.clone(),
@@ -437,14 +456,14 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         partitions: args.partitions,
         produced,
         produce_seconds,
-        produce_msgs_per_s: produced as f64 / produce_seconds,
-        produce_mb_per_s: mb(produced, produce_seconds),
+        produce_msgs_per_s: produced as f64 / produce_seconds.max(1e-9),
+        produce_mb_per_s: mb(produced, produce_seconds.max(1e-9)),
         consumed,
         consume_seconds,
         consume_msgs_per_s: consumed as f64 / consume_seconds.max(1e-9),
         consume_mb_per_s: mb(consumed, consume_seconds.max(1e-9)),
-        ack_latency: Percentiles::of(&ack),
-        end_to_end_latency: (!e2e.is_empty()).then(|| Percentiles::of(&e2e)),
+        ack_latency: (!ack.is_empty()).then(|| Percentiles::of(&ack)),
+        end_to_end_latency: (!e2e.is_empty() && args.producers > 0).then(|| Percentiles::of(&e2e)),
         failed_batches: failed.load(Ordering::Relaxed),
     })
 }

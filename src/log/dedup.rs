@@ -24,14 +24,25 @@
 //! - The bloom filter (one 64-byte block per id, 8 bits per table slot) sits
 //!   in front of each table, so a miss, the common case, is usually decided
 //!   by two cache lines without probing.
-//! - Tables double as they fill, but the last step is cut to exactly
-//!   `records_max / 0.75` slots (positions come from a multiply-shift, not a
-//!   mask, so any size works): a full generation sits at load 0.75.
+//! - Tables double as they fill up to 8 Ki slots, then jump to their final
+//!   size of exactly `records_max / 0.75` slots (positions come from a
+//!   multiply-shift, not a mask, so any size works): a full generation sits
+//!   at load 0.75. A quiet log keeps small tables; a busy one pays one
+//!   rebuild of at most ~6 K ids (well under a millisecond) instead of
+//!   doubling rebuilds of up to half the window, which stalled appends for
+//!   tens of milliseconds (sync p99 ack latency 25-42 ms at half load).
+//!
+//! - A busy log keeps one more set of full-size tables as a spare, prepared
+//!   by the log's background thread (`take_spare_work`), so the jump to full
+//!   size and the drop of an old generation (megabytes to fault in or unmap)
+//!   never happen on the append path. Only the first jump of a log's life,
+//!   before any spare exists, pays it (~6 ms on the development VM).
 //!
 //! Memory per id at a full window, measured by `bytes_used` in the tests and
 //! the dedup bench: 16 (ring) + 2 generations x (4 + 1) / 0.75 = 29.3 bytes
 //! at most (both generations full); 22-23 bytes with the current generation
-//! half full.
+//! half full; plus one spare set of tables (6.7 bytes per id of the window)
+//! on a busy log.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -47,6 +58,8 @@ pub const AGE_BLOCK: u64 = 1024;
 /// Offsets are kept in 31 bits in a table slot.
 const OFFSET_MASK: u64 = (1 << 31) - 1;
 const TABLE_SLOTS_MIN: usize = 1024;
+/// A table this large grows straight to its final size.
+const GROW_TO_FULL_SLOTS: usize = 1 << 13;
 /// Bloom bits per table slot, and bits set per id.
 const BLOOM_BITS_PER_SLOT: usize = 8;
 const BLOOM_HASHES: u32 = 4;
@@ -59,7 +72,42 @@ pub struct DedupIndex {
     ring: Ring,
     current: Generation,
     previous: Option<Generation>,
+    /// Full-size tables prepared off the append path (`prepare_spare`),
+    /// taken when a generation jumps to its final size.
+    spare: Option<Tables>,
+    /// A dropped generation's tables, to be cleared and reused as the
+    /// spare off the append path rather than unmapped on it.
+    retired: Option<Tables>,
 }
+
+/// A generation's table and bloom filter.
+pub struct Tables {
+    slots: Zeroed<u32>,
+    bloom: Zeroed<u64>,
+}
+
+fn bloom_words_for(slot_count: usize) -> usize {
+    let bloom_blocks = (slot_count * BLOOM_BITS_PER_SLOT).div_ceil(64 * BLOOM_BLOCK_WORDS);
+    bloom_blocks.max(1) * BLOOM_BLOCK_WORDS
+}
+
+impl Tables {
+    fn new(slot_count: usize) -> Self {
+        Tables {
+            slots: Zeroed::new(slot_count),
+            bloom: Zeroed::new(bloom_words_for(slot_count)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.fill(0);
+        self.bloom.fill(0);
+    }
+}
+
+/// Ids a generation must hold before a spare is prepared for it: quiet logs
+/// do not get full-size tables.
+const SPARE_AFTER_IDS: usize = 1024;
 
 impl DedupIndex {
     pub fn new(window: DedupWindow) -> Self {
@@ -69,6 +117,37 @@ impl DedupIndex {
             ring: Ring::default(),
             current: Generation::new(TABLE_SLOTS_MIN, 0),
             previous: None,
+            spare: None,
+            retired: None,
+        }
+    }
+
+    fn full_slots(&self) -> usize {
+        (self.window.records_max as usize * 4).div_ceil(3) + 1
+    }
+
+    /// Work for a background thread, done without the writer's lock:
+    /// `take_spare_work` hands out what to prepare, `put_spare` takes it
+    /// back. Full-size tables (megabytes) are then never allocated, faulted
+    /// in or unmapped on the append path.
+    pub fn take_spare_work(&mut self) -> Option<SpareWork> {
+        let wanted = self.enabled()
+            && self.spare.is_none()
+            && self.full_slots() * 4 >= MAP_BYTES_MIN
+            && (self.current.count >= SPARE_AFTER_IDS || self.previous.is_some());
+        let retired = self.retired.take();
+        if !wanted {
+            return retired.map(SpareWork::Drop);
+        }
+        Some(SpareWork::Prepare {
+            slots: self.full_slots(),
+            reuse: retired,
+        })
+    }
+
+    pub fn put_spare(&mut self, tables: Tables) {
+        if self.spare.is_none() && tables.slots.len() == self.full_slots() {
+            self.spare = Some(tables);
         }
     }
 
@@ -128,12 +207,29 @@ impl DedupIndex {
         if self.current.count as u64 >= self.window.records_max {
             let full =
                 std::mem::replace(&mut self.current, Generation::new(TABLE_SLOTS_MIN, offset));
-            self.previous = Some(full);
+            if let Some(old) = self.previous.replace(full) {
+                self.retired = Some(old.tables);
+            }
         }
-        if (self.current.count + 1) * 4 > self.current.slots.len() * 3 {
+        if (self.current.count + 1) * 4 > self.current.tables.slots.len() * 3 {
             let slots_max = (self.window.records_max as usize * 4).div_ceil(3) + 1;
-            let slots = (self.current.slots.len() * 2).min(slots_max);
-            self.current = self.current.grown(slots, offset, &self.ring, &self.hasher);
+            // Past GROW_TO_FULL_SLOTS the next step is the final size: a
+            // rebuild moves every id of the generation while the writer
+            // waits, so the largest rebuild must stay small (~6 K ids), not
+            // half the window (~1 M ids, tens of ms of stalled appends).
+            let slots = if self.current.tables.slots.len() >= GROW_TO_FULL_SLOTS {
+                slots_max
+            } else {
+                (self.current.tables.slots.len() * 2).min(slots_max)
+            };
+            let tables = match self.spare.take() {
+                Some(t) if t.slots.len() == slots => t,
+                other => {
+                    self.spare = other;
+                    Tables::new(slots)
+                }
+            };
+            self.current = self.current.grown(tables, offset, &self.ring, &self.hasher);
         }
         self.current.put(hash, offset);
     }
@@ -154,9 +250,12 @@ impl DedupIndex {
 
     /// Heap bytes held, for the memory-per-id figure.
     pub fn bytes_used(&self) -> usize {
+        let tables = |t: &Tables| t.slots.len() * 4 + t.bloom.len() * 8;
         self.ring.bytes_used()
             + self.current.bytes_used()
             + self.previous.as_ref().map_or(0, Generation::bytes_used)
+            + self.spare.as_ref().map_or(0, tables)
+            + self.retired.as_ref().map_or(0, tables)
     }
 
     /// Ids currently in the window.
@@ -254,10 +353,88 @@ impl Ring {
     }
 }
 
+/// Zeroed memory for a table or a bloom filter. Large ones come straight
+/// from the kernel as fresh zero pages (an anonymous map): the allocator
+/// would otherwise hand back reused heap memory and memset it on the append
+/// path (milliseconds for a full-size table), and the pages go back to the
+/// kernel on drop.
+enum Zeroed<T> {
+    Heap(Vec<T>),
+    Map(memmap2::MmapMut, std::marker::PhantomData<T>),
+}
+
+/// Tables at least this large are mapped.
+const MAP_BYTES_MIN: usize = 1 << 20;
+
+impl<T: bytemuck::Pod> Zeroed<T> {
+    fn new(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes >= MAP_BYTES_MIN {
+            if let Ok(map) = memmap2::MmapMut::map_anon(bytes) {
+                // Fault every page in with one call: the kernel zeroes them
+                // in bulk, where filling a fresh table by random inserts
+                // would take one page fault per insert (12 ms for the first
+                // few thousand ids of a 2 M window). Kernels before 5.14
+                // refuse, and the pages fault in one by one instead.
+                let _ = map.advise(memmap2::Advice::PopulateWrite);
+                return Zeroed::Map(map, std::marker::PhantomData);
+            }
+        }
+        Zeroed::Heap(vec![T::zeroed(); len])
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for Zeroed<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Zeroed::Heap(v) => v,
+            // A page-aligned map whose length is a multiple of size_of::<T>().
+            Zeroed::Map(m, _) => bytemuck::cast_slice(&m[..]),
+        }
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::DerefMut for Zeroed<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match self {
+            Zeroed::Heap(v) => v,
+            Zeroed::Map(m, _) => bytemuck::cast_slice_mut(&mut m[..]),
+        }
+    }
+}
+
+/// What a background thread is asked to do for the dedup window.
+pub enum SpareWork {
+    /// Build full-size tables of `slots` slots (clearing `reuse` if it has
+    /// that size) and hand them back with `put_spare`.
+    Prepare { slots: usize, reuse: Option<Tables> },
+    /// Drop these tables.
+    Drop(Tables),
+}
+
+impl SpareWork {
+    /// Does the work: returns tables for `put_spare`, if any.
+    pub fn run(self) -> Option<Tables> {
+        match self {
+            SpareWork::Drop(t) => {
+                drop(t);
+                None
+            }
+            SpareWork::Prepare { slots, reuse } => Some(match reuse {
+                Some(mut t) if t.slots.len() == slots => {
+                    t.clear();
+                    t
+                }
+                _ => Tables::new(slots),
+            }),
+        }
+    }
+}
+
 struct Generation {
-    slots: Vec<u32>,
+    tables: Tables,
     count: usize,
-    bloom: Vec<u64>,
     /// The first offset inserted into this generation: its ids are the
     /// non-zero ones in the ring from here on.
     first_offset: u64,
@@ -265,26 +442,31 @@ struct Generation {
 
 impl Generation {
     fn new(slot_count: usize, first_offset: u64) -> Self {
-        let bloom_blocks = (slot_count * BLOOM_BITS_PER_SLOT).div_ceil(64 * BLOOM_BLOCK_WORDS);
-        let bloom_words = bloom_blocks.max(1) * BLOOM_BLOCK_WORDS;
+        Self::with_tables(Tables::new(slot_count), first_offset)
+    }
+
+    fn with_tables(tables: Tables, first_offset: u64) -> Self {
         Generation {
-            slots: vec![0; slot_count],
+            tables,
             count: 0,
-            bloom: vec![0; bloom_words],
             first_offset,
         }
     }
 
     fn prefetch(&self, hash: u64) {
         self.prefetch_bloom(hash);
-        if let Some(slot) = self.slots.get(fast_range(hash, self.slots.len())) {
+        if let Some(slot) = self
+            .tables
+            .slots
+            .get(fast_range(hash, self.tables.slots.len()))
+        {
             prefetch(slot);
         }
     }
 
     fn prefetch_bloom(&self, hash: u64) {
         let (base, _) = self.bloom_bits(hash);
-        if let Some(word) = self.bloom.get(base) {
+        if let Some(word) = self.tables.bloom.get(base) {
             prefetch(word);
         }
     }
@@ -293,7 +475,7 @@ impl Generation {
         // The table uses the low bits of `hash`; the bloom mixes it again so
         // its block and bits are independent of the table position.
         let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-        let blocks = self.bloom.len() / BLOOM_BLOCK_WORDS;
+        let blocks = self.tables.bloom.len() / BLOOM_BLOCK_WORDS;
         let block = fast_range(mixed, blocks);
         let mut bits = [0u32; BLOOM_HASHES as usize];
         for (i, bit) in bits.iter_mut().enumerate() {
@@ -305,7 +487,8 @@ impl Generation {
     fn bloom_may_contain(&self, hash: u64) -> bool {
         let (base, bits) = self.bloom_bits(hash);
         bits.iter().all(|&b| {
-            self.bloom
+            self.tables
+                .bloom
                 .get(base + (b / 64) as usize)
                 .is_some_and(|w| w & (1 << (b % 64)) != 0)
         })
@@ -315,10 +498,10 @@ impl Generation {
         if self.count == 0 || !self.bloom_may_contain(hash) {
             return None;
         }
-        let mut i = fast_range(hash, self.slots.len());
+        let mut i = fast_range(hash, self.tables.slots.len());
         // Load stays at or below 3/4, so an empty slot ends every probe.
         loop {
-            let slot = self.slots[i];
+            let slot = self.tables.slots[i];
             if slot == 0 {
                 return None;
             }
@@ -327,20 +510,20 @@ impl Generation {
                     return Some(offset);
                 }
             }
-            i = next_slot(i, self.slots.len());
+            i = next_slot(i, self.tables.slots.len());
         }
     }
 
     fn put(&mut self, hash: u64, offset: u64) {
         let (base, bits) = self.bloom_bits(hash);
         for b in bits {
-            self.bloom[base + (b / 64) as usize] |= 1 << (b % 64);
+            self.tables.bloom[base + (b / 64) as usize] |= 1 << (b % 64);
         }
-        let mut i = fast_range(hash, self.slots.len());
-        while self.slots[i] != 0 {
-            i = next_slot(i, self.slots.len());
+        let mut i = fast_range(hash, self.tables.slots.len());
+        while self.tables.slots[i] != 0 {
+            i = next_slot(i, self.tables.slots.len());
         }
-        self.slots[i] = (offset & OFFSET_MASK) as u32 + 1;
+        self.tables.slots[i] = (offset & OFFSET_MASK) as u32 + 1;
         self.count += 1;
     }
 
@@ -350,13 +533,13 @@ impl Generation {
     /// old table's slots in random order. `end` is the offset being inserted.
     fn grown(
         &self,
-        slots: usize,
+        tables: Tables,
         end: u64,
         ring: &Ring,
         hasher: &foldhash::fast::RandomState,
     ) -> Generation {
         const AHEAD: usize = 16;
-        let mut next = Generation::new(slots, self.first_offset);
+        let mut next = Generation::with_tables(tables, self.first_offset);
         let mut pending: std::collections::VecDeque<(u64, u64)> =
             std::collections::VecDeque::with_capacity(AHEAD);
         for offset in self.first_offset.max(ring.start)..end.min(ring.end) {
@@ -379,7 +562,7 @@ impl Generation {
     }
 
     fn bytes_used(&self) -> usize {
-        self.slots.len() * 4 + self.bloom.len() * 8
+        self.tables.slots.len() * 4 + self.tables.bloom.len() * 8
     }
 }
 
@@ -407,6 +590,42 @@ mod tests {
             records_max,
             age_ms_max: 60_000,
         }
+    }
+
+    /// Spare tables (prepared off the append path) are used by the jump to
+    /// full size and across generation changes, and lookups stay exact.
+    #[test]
+    fn spare_tables_are_used_and_lookups_stay_exact() {
+        let records_max = 300_000u64;
+        let mut d = DedupIndex::new(window(records_max));
+        let id = |o: u64| InnerMsgId(u128::from(o) * 0x9E37_79B9 + 5);
+        assert!(d.take_spare_work().is_none(), "a quiet log gets no spare");
+        let mut spares_used = 0;
+        for o in 0..(records_max * 3) {
+            let had_spare = d.spare.is_some();
+            d.insert(id(o), o, 1000);
+            spares_used += usize::from(had_spare && d.spare.is_none());
+            if o % 5_000 == 0 {
+                if let Some(t) = d.take_spare_work().and_then(SpareWork::run) {
+                    d.put_spare(t);
+                }
+            }
+            if o % 50_000 == 49_999 {
+                d.expire(1000);
+            }
+        }
+        let start = d.window_start();
+        assert!(start >= records_max, "the window moved on");
+        for o in (start..records_max * 3).step_by(97) {
+            assert_eq!(d.lookup(id(o)), Some(o));
+        }
+        for o in (0..start).step_by(97) {
+            assert_eq!(d.lookup(id(o)), None);
+        }
+        // Three generations; the spare is ready (work ran at 5,000 ids)
+        // before even the first one jumps at ~6,100 ids.
+        assert_eq!(spares_used, 3, "every jump to full size took a spare");
+        assert!(d.current.tables.slots.len() == d.full_slots());
     }
 
     #[test]

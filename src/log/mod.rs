@@ -780,6 +780,12 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
                 last_flush = Instant::now();
             }
         }
+        // Full-size dedup tables are prepared (and old ones dropped) here,
+        // not on the append path.
+        let work = inner.lock_writer().dedup.take_spare_work();
+        if let Some(tables) = work.and_then(|w| w.run()) {
+            inner.lock_writer().dedup.put_spare(tables);
+        }
         if let Some(interval) = checkpoint_interval {
             let durable = inner.group.durable_offset();
             if durable > checkpointed && last_checkpoint.elapsed() >= interval {
