@@ -131,10 +131,7 @@ impl DedupIndex {
     /// back. Full-size tables (megabytes) are then never allocated, faulted
     /// in or unmapped on the append path.
     pub fn take_spare_work(&mut self) -> Option<SpareWork> {
-        let wanted = self.enabled()
-            && self.spare.is_none()
-            && self.full_slots() * 4 >= MAP_BYTES_MIN
-            && (self.current.count >= SPARE_AFTER_IDS || self.previous.is_some());
+        let wanted = self.spare_wanted();
         let retired = self.retired.take();
         if !wanted {
             return retired.map(SpareWork::Drop);
@@ -143,6 +140,19 @@ impl DedupIndex {
             slots: self.full_slots(),
             reuse: retired,
         })
+    }
+
+    fn spare_wanted(&self) -> bool {
+        self.enabled()
+            && self.spare.is_none()
+            && self.full_slots() * 4 >= MAP_BYTES_MIN
+            && (self.current.count >= SPARE_AFTER_IDS || self.previous.is_some())
+    }
+
+    /// Whether `take_spare_work` has something to do (cheap; for the append
+    /// path to wake the background thread).
+    pub fn has_spare_work(&self) -> bool {
+        self.retired.is_some() || self.spare_wanted()
     }
 
     pub fn put_spare(&mut self, tables: Tables) {

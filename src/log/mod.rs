@@ -204,6 +204,8 @@ struct Inner {
     flushed_bytes: AtomicU64,
     flush_requested: AtomicBool,
     prefault_requested: AtomicBool,
+    /// The background thread was asked to prepare dedup tables.
+    dedup_work_requested: AtomicBool,
     /// Cleared when the kernel refuses to prefault.
     prefault_enabled: AtomicBool,
     signal: Sender<Signal>,
@@ -224,6 +226,8 @@ struct Writer {
 
 enum Signal {
     Flush,
+    /// Background work other than flushing (dedup tables).
+    Work,
     Stop,
 }
 
@@ -289,6 +293,7 @@ impl Log {
             flushed_bytes: AtomicU64::new(0),
             flush_requested: AtomicBool::new(false),
             prefault_requested: AtomicBool::new(false),
+            dedup_work_requested: AtomicBool::new(false),
             prefault_enabled,
             signal,
             prefault_signal,
@@ -592,9 +597,13 @@ impl Inner {
         let prefault = self.prefault_enabled.load(Ordering::Relaxed)
             && w.active
                 .wants_prefault(w.map.cursor(), self.options.prefault_bytes as usize);
+        let dedup_work = w.dedup.has_spare_work();
         drop(guard);
         if prefault && !self.prefault_requested.swap(true, Ordering::AcqRel) {
             let _ = self.prefault_signal.try_send(Signal::Flush);
+        }
+        if dedup_work && !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
+            let _ = self.signal.try_send(Signal::Work);
         }
         if appended_bytes > 0 {
             self.note_appended_bytes(appended_bytes);
@@ -767,6 +776,7 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
     loop {
         let requested = match signals.recv_timeout(tick) {
             Ok(Signal::Flush) => true,
+            Ok(Signal::Work) => false,
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => false,
         };
@@ -782,6 +792,7 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
         }
         // Full-size dedup tables are prepared (and old ones dropped) here,
         // not on the append path.
+        inner.dedup_work_requested.store(false, Ordering::Release);
         let work = inner.lock_writer().dedup.take_spare_work();
         if let Some(tables) = work.and_then(|w| w.run()) {
             inner.lock_writer().dedup.put_spare(tables);
@@ -817,7 +828,9 @@ fn prefaulter(inner: Arc<Inner>, signals: Receiver<Signal>) {
     loop {
         match signals.recv_timeout(Duration::from_millis(BACKGROUND_TICK_MS)) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(Signal::Flush) | Err(RecvTimeoutError::Timeout) => inner.prefault_ahead(),
+            Ok(Signal::Flush | Signal::Work) | Err(RecvTimeoutError::Timeout) => {
+                inner.prefault_ahead()
+            }
         }
     }
 }
