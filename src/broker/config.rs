@@ -21,7 +21,10 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Default: `FlushMode::Sync` (a produce is acked once durable).
     pub flush: FlushMode,
-    /// How partitions write (see `log::WritePath`). Default: `Auto`.
+    /// How partitions write (see `log::WritePath`). Default: `Pwrite`, in
+    /// both flush modes: a broker shares the machine's cores with the network
+    /// and its clients, and the mmap path's page zero-fill (on the prefault
+    /// thread) costs more CPU than it saves the appender (docs/BENCHMARKS.md).
     pub write_path: WritePath,
     /// Segment size of every partition. Default: 256 MiB.
     pub segment_bytes: u64,
@@ -70,7 +73,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./bida-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             flush: FlushMode::Sync,
-            write_path: WritePath::Auto,
+            write_path: WritePath::Pwrite,
             segment_bytes: 256 << 20,
             record_bytes_max: 1 << 20,
             dedup_window_ids: 2_000_000,

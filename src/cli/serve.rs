@@ -31,8 +31,9 @@ pub struct Args {
     /// Async flush: flush after this many bytes [default: 16777216]
     #[arg(long)]
     pub flush_bytes: Option<u64>,
-    /// How partitions write: auto = pwrite under sync, mmap under async
-    /// [default: auto]
+    /// How partitions write: pwrite (staged, one pwrite per batch) or mmap
+    /// (copied into the shared map); auto = pwrite under sync, mmap under
+    /// async [default: pwrite]
     #[arg(long, value_enum)]
     pub write_path: Option<super::WritePathArg>,
     /// A TOML file setting any broker option by its name in
