@@ -214,9 +214,16 @@ impl TopicConfig {
         let base_ms = r.u32()?;
         let max_ms = r.u32()?;
         let factor_percent = r.u16()?;
+        // Fields a kind does not use must hold what `encode` writes, so a
+        // config has exactly one encoding.
         let backoff = match kind {
-            0 => None,
-            1 => Some(Backoff::Fixed { delay_ms: base_ms }),
+            0 if (base_ms, max_ms, factor_percent) == (0, 0, 0) => None,
+            1 if max_ms == base_ms && factor_percent == 100 => Some(Backoff::Fixed { delay_ms: base_ms }),
+            0 | 1 => {
+                return Err(WireError::Malformed(format!(
+                    "backoff kind {kind} with base_ms {base_ms}, max_ms {max_ms}, factor_percent {factor_percent}"
+                )))
+            }
             2 => {
                 if factor_percent < 100 || max_ms < base_ms {
                     return Err(WireError::Malformed(format!(
@@ -260,7 +267,15 @@ impl CreateTopic {
         let c = CreateTopic {
             topic: r.str("topic", TOPIC_NAME_MAX)?.to_owned(),
             partitions: r.u32()?,
-            if_not_exists: r.u8()? != 0,
+            if_not_exists: match r.u8()? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(WireError::Malformed(format!(
+                        "if_not_exists must be 0 or 1, got {v}"
+                    )))
+                }
+            },
             config: TopicConfig::decode(&mut r)?,
         };
         r.finish()?;
@@ -953,6 +968,28 @@ mod tests {
         let mut body = Vec::new();
         body.put_u32(u32::MAX);
         assert!(decode_deliveries(&Bytes::from(body)).is_err());
+    }
+
+    /// Found by the protocol fuzzer: every field has exactly one encoding,
+    /// so what decodes re-encodes to the same bytes.
+    #[test]
+    fn flags_and_unused_fields_must_be_canonical() {
+        let mut b = Vec::new();
+        CreateTopic {
+            topic: "t".into(),
+            partitions: 1,
+            if_not_exists: true,
+            config: TopicConfig::default(),
+        }
+        .encode(&mut b);
+        assert!(CreateTopic::decode(&b).is_ok());
+        let flag_at = 2 + 1 + 4;
+        b[flag_at] = 92;
+        assert!(CreateTopic::decode(&b).is_err());
+        b[flag_at] = 1;
+        let base_ms_at = flag_at + 1 + 4 + 2 + 1;
+        b[base_ms_at] = 5; // kind 0 (default) with a non-zero base_ms
+        assert!(CreateTopic::decode(&b).is_err());
     }
 
     #[test]
