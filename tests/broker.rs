@@ -682,3 +682,91 @@ async fn sigterm_stops_cleanly_and_a_failed_send_reports_its_error() {
         other => panic!("expected Exhausted, got {other}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_push_within_their_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let client = Client::connect(broker.addr).await.unwrap();
+    client.create_topic("feed", 2, false, TopicConfig::default()).await.unwrap();
+    let producer = Producer::new(client.clone(), "feed", ProducerOptions::default()).await.unwrap();
+    for i in 0..100u32 {
+        producer.send(OutgoingMessage::new(i.to_le_bytes().to_vec())).await.unwrap();
+    }
+    let c = Consumer::new(
+        Client::connect(broker.addr).await.unwrap(),
+        "feed",
+        "push",
+        ConsumerOptions {
+            credit: 10,
+            ..ConsumerOptions::default()
+        },
+    );
+    let mut sub = c.subscribe().await.unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < 100 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a push within 10 s")
+            .unwrap()
+            .unwrap();
+        c.ack(&[&d]).await.unwrap();
+        // No more than the window is ever outstanding.
+        let pos = c.position().await.unwrap();
+        let in_flight: u32 = pos.iter().map(|p| p.in_flight).sum();
+        assert!(in_flight <= 10, "{in_flight} deliveries in flight with a credit of 10");
+        assert!(seen.insert(u32::from_le_bytes(d.payload[..4].try_into().unwrap())));
+    }
+    // New messages keep arriving on the same subscription.
+    producer.send(OutgoingMessage::new(&b"late"[..])).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(&d.payload[..], b"late");
+    sub.unsubscribe().await.unwrap();
+}
+
+#[test]
+fn the_cli_produces_and_consumes_lines() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let bin = env!("CARGO_BIN_EXE_bida");
+    let mut produce = Command::new(bin)
+        .args(["produce", "--broker", &addr, "--topic", "lines", "--verbose"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    produce.stdin.take().unwrap().write_all(b"alpha\nbeta\ngamma\n").unwrap();
+    let out = produce.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let acked = String::from_utf8(out.stdout).unwrap();
+    let mut offsets: Vec<u64> = acked
+        .lines()
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            assert_eq!(cols.len(), 3, "offset, inner-msg-id, duplicate? in {l:?}");
+            assert_eq!(cols[1].len(), 32, "a 128-bit id in hex");
+            assert_eq!(cols[2], "new");
+            cols[0].parse().unwrap()
+        })
+        .collect();
+    offsets.sort();
+    assert_eq!(offsets, vec![0, 1, 2]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 sent, 3 acked"));
+
+    let out = Command::new(bin)
+        .args(["consume", "--broker", &addr, "--topic", "lines", "--group", "g", "--count", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "alpha\nbeta\ngamma\n");
+    let out = Command::new(bin)
+        .args(["topics", "--broker", &addr, "describe", "lines"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("g ") && l.trim_end().ends_with(" 0")), "group g with lag 0:\n{text}");
+}

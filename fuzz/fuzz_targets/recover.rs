@@ -70,7 +70,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&variant, mut ops)) = data.split_first() else { return };
+    let Some((&variant, mut ops)) = data.split_first() else {
+        return;
+    };
     let (_, crashed, closed) = templates();
     let source = if variant & 1 == 0 { crashed } else { closed };
     let work = tempfile::tempdir().unwrap();
@@ -109,7 +111,10 @@ fuzz_target!(|data: &[u8]| {
         Err(StorageError::Corrupt { .. } | StorageError::Io { .. }) => return,
         Err(e) => panic!("unexpected error kind: {e}"),
     };
-    assert!(log.next_offset() <= RECORDS, "the log grew records nobody wrote");
+    assert!(
+        log.next_offset() <= RECORDS,
+        "the log grew records nobody wrote"
+    );
     let mut offset = log.start_offset();
     'read: loop {
         let batch = match log.read(offset, 64, 1 << 20) {
@@ -123,7 +128,11 @@ fuzz_target!(|data: &[u8]| {
         for record in batch.iter() {
             let Ok(record) = record else { break 'read };
             assert_eq!(record.offset, offset, "offsets must be contiguous");
-            assert_eq!(record.payload, payload(offset), "record {offset} differs from what was written");
+            assert_eq!(
+                record.payload,
+                payload(offset),
+                "record {offset} differs from what was written"
+            );
             assert_eq!(record.id, InnerMsgId(u128::from(offset) + 1));
             offset += 1;
         }
@@ -131,7 +140,10 @@ fuzz_target!(|data: &[u8]| {
     let next = log.next_offset();
     let p = b"after recovery".to_vec();
     let appended = log
-        .append_acked(&[Message { payload: &p, ..Message::default() }])
+        .append_acked(&[Message {
+            payload: &p,
+            ..Message::default()
+        }])
         .expect("appending after recovery");
     assert_eq!(appended.outcomes[0].offset, next);
     let back = log.read(next, 1, 1 << 20).unwrap();
