@@ -608,6 +608,11 @@ async fn bad_frames_get_an_error_and_a_close_and_hurt_no_one_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_at_once() {
+    // This process holds the client ends: lift its soft descriptor limit
+    // (often 1024) to the hard one, as `bida serve` does for itself.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
     let mut clients = Vec::new();
@@ -688,10 +693,18 @@ async fn subscriptions_push_within_their_credit() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &[]);
     let client = Client::connect(broker.addr).await.unwrap();
-    client.create_topic("feed", 2, false, TopicConfig::default()).await.unwrap();
-    let producer = Producer::new(client.clone(), "feed", ProducerOptions::default()).await.unwrap();
+    client
+        .create_topic("feed", 2, false, TopicConfig::default())
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), "feed", ProducerOptions::default())
+        .await
+        .unwrap();
     for i in 0..100u32 {
-        producer.send(OutgoingMessage::new(i.to_le_bytes().to_vec())).await.unwrap();
+        producer
+            .send(OutgoingMessage::new(i.to_le_bytes().to_vec()))
+            .await
+            .unwrap();
     }
     let c = Consumer::new(
         Client::connect(broker.addr).await.unwrap(),
@@ -714,12 +727,22 @@ async fn subscriptions_push_within_their_credit() {
         // No more than the window is ever outstanding.
         let pos = c.position().await.unwrap();
         let in_flight: u32 = pos.iter().map(|p| p.in_flight).sum();
-        assert!(in_flight <= 10, "{in_flight} deliveries in flight with a credit of 10");
+        assert!(
+            in_flight <= 10,
+            "{in_flight} deliveries in flight with a credit of 10"
+        );
         assert!(seen.insert(u32::from_le_bytes(d.payload[..4].try_into().unwrap())));
     }
     // New messages keep arriving on the same subscription.
-    producer.send(OutgoingMessage::new(&b"late"[..])).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap().unwrap();
+    producer
+        .send(OutgoingMessage::new(&b"late"[..]))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(&d.payload[..], b"late");
     sub.unsubscribe().await.unwrap();
 }
@@ -733,13 +756,25 @@ fn the_cli_produces_and_consumes_lines() {
     let addr = broker.addr.to_string();
     let bin = env!("CARGO_BIN_EXE_bida");
     let mut produce = Command::new(bin)
-        .args(["produce", "--broker", &addr, "--topic", "lines", "--verbose"])
+        .args([
+            "produce",
+            "--broker",
+            &addr,
+            "--topic",
+            "lines",
+            "--verbose",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    produce.stdin.take().unwrap().write_all(b"alpha\nbeta\ngamma\n").unwrap();
+    produce
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"alpha\nbeta\ngamma\n")
+        .unwrap();
     let out = produce.wait_with_output().unwrap();
     assert!(out.status.success());
     let acked = String::from_utf8(out.stdout).unwrap();
@@ -758,15 +793,24 @@ fn the_cli_produces_and_consumes_lines() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("3 sent, 3 acked"));
 
     let out = Command::new(bin)
-        .args(["consume", "--broker", &addr, "--topic", "lines", "--group", "g", "--count", "3"])
+        .args([
+            "consume", "--broker", &addr, "--topic", "lines", "--group", "g", "--count", "3",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "alpha\nbeta\ngamma\n");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "alpha\nbeta\ngamma\n"
+    );
     let out = Command::new(bin)
         .args(["topics", "--broker", &addr, "describe", "lines"])
         .output()
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.lines().any(|l| l.starts_with("g ") && l.trim_end().ends_with(" 0")), "group g with lag 0:\n{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("g ") && l.trim_end().ends_with(" 0")),
+        "group g with lag 0:\n{text}"
+    );
 }
