@@ -388,6 +388,9 @@ impl<T: bytemuck::Pod> Zeroed<T> {
                 // would take one page fault per insert (12 ms for the first
                 // few thousand ids of a 2 M window). Kernels before 5.14
                 // refuse, and the pages fault in one by one instead.
+                // Huge pages where the kernel allows: lookups land at random
+                // in megabytes of table, and 4 KiB pages make each a TLB miss.
+                let _ = map.advise(memmap2::Advice::HugePage);
                 let _ = map.advise(memmap2::Advice::PopulateWrite);
                 return Zeroed::Map(map, std::marker::PhantomData);
             }
