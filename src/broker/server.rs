@@ -37,6 +37,8 @@ use crate::protocol::{
 pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
 /// Deliveries in one DELIVER push, at most.
 pub const PUSH_MESSAGES_MAX: u32 = 4096;
+/// Subscriptions one connection may hold.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 256;
 /// A long poll waits at most this long.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 /// Bytes the reader asks the socket for at once: it starts small (an idle
@@ -413,6 +415,13 @@ async fn dispatch(
             if let Err(reason) = body::check_name("group", &req.group) {
                 conn.send(broker_error(&h, &BrokerError::InvalidName(reason)))
                     .await;
+                return Ok(());
+            }
+            if conn.subs.lock().expect("subs").len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
+                let e = BrokerError::InvalidRequest(format!(
+                    "a connection may hold at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions"
+                ));
+                conn.send(broker_error(&h, &e)).await;
                 return Ok(());
             }
             let sub = Arc::new(Subscription {
