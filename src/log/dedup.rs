@@ -24,11 +24,11 @@
 //! - The bloom filter (one 64-byte block per id, 8 bits per table slot) sits
 //!   in front of each table, so a miss, the common case, is usually decided
 //!   by two cache lines without probing.
-//! - Tables double as they fill up to 64 Ki slots, then jump to their final
+//! - Tables double as they fill up to 16 Ki slots, then jump to their final
 //!   size of exactly `records_max / 0.75` slots (positions come from a
 //!   multiply-shift, not a mask, so any size works): a full generation sits
 //!   at load 0.75. A quiet log keeps small tables; a busy one pays one
-//!   rebuild of at most ~49 K ids into tables prepared in advance (below)
+//!   rebuild of at most ~12 K ids into tables prepared in advance (below)
 //!   instead of doubling rebuilds of up to half the window, which stalled
 //!   appends for tens of milliseconds (sync p99 ack latency 25-42 ms at
 //!   half load).
@@ -60,7 +60,7 @@ pub const AGE_BLOCK: u64 = 1024;
 const OFFSET_MASK: u64 = (1 << 31) - 1;
 const TABLE_SLOTS_MIN: usize = 1024;
 /// A table this large grows straight to its final size.
-const GROW_TO_FULL_SLOTS: usize = 1 << 16;
+const GROW_TO_FULL_SLOTS: usize = 1 << 14;
 /// Bloom bits per table slot, and bits set per id.
 const BLOOM_BITS_PER_SLOT: usize = 8;
 const BLOOM_HASHES: u32 = 4;
@@ -226,9 +226,10 @@ impl DedupIndex {
             let slots_max = (self.window.records_max as usize * 4).div_ceil(3) + 1;
             // Past GROW_TO_FULL_SLOTS the next step is the final size: a
             // rebuild moves every id of the generation while the writer
-            // waits, so the largest rebuild must stay small (~49 K ids into
-            // a prepared spare), not half the window (~1 M ids, tens of ms
-            // of stalled appends).
+            // waits, so the largest rebuild must stay small (~12 K ids into
+            // a prepared spare, ~1 ms), not half the window (~1 M ids, tens
+            // of ms of stalled appends). Later, the spare would not be ready
+            // in time: it is asked for at SPARE_AFTER_IDS.
             let slots = if self.current.tables.slots.len() >= GROW_TO_FULL_SLOTS {
                 slots_max
             } else {
@@ -638,7 +639,7 @@ mod tests {
             assert_eq!(d.lookup(id(o)), None);
         }
         // Three generations; the spare is ready (work ran at 5,000 ids)
-        // before even the first one jumps at ~49,000 ids.
+        // before even the first one jumps at ~12,300 ids.
         assert_eq!(spares_used, 3, "every jump to full size took a spare");
         assert!(d.current.tables.slots.len() == d.full_slots());
     }
