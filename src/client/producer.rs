@@ -601,7 +601,6 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
             let ticket = shared.take_ticket();
             tokio::spawn(async move {
                 let result = shared.send_with_retry(frame, b.ids.len(), ticket).await;
-                drop(permit);
                 match result {
                     Ok(reply) => {
                         for (r, done) in receipts(&b.ids, &reply).into_iter().zip(b.done) {
@@ -614,6 +613,9 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
                         }
                     }
                 }
+                // Only now: `flush` waits for this permit, and promises that
+                // every callback has run.
+                drop(permit);
             });
         }
         for f in flushes.drain(..) {
