@@ -17,4 +17,5 @@
 pub mod broker;
 pub mod client;
 pub mod log;
+pub mod net;
 pub mod protocol;

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -41,13 +40,6 @@ pub const PUSH_MESSAGES_MAX: u32 = 4096;
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 256;
 /// A long poll waits at most this long.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
-/// Bytes the reader asks the socket for at once: it starts small (an idle
-/// connection costs little memory) and doubles, up to the maximum, while
-/// reads fill what it asked for.
-const READ_CHUNK_MIN: usize = 8 << 10;
-const READ_CHUNK_MAX: usize = 1 << 20;
-/// The writer's buffer; frames this large or larger skip it.
-const WRITE_BUFFER_BYTES: usize = 32 << 10;
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -162,24 +154,6 @@ impl Conn {
     }
 }
 
-async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
-    while let Some(f) = rx.recv().await {
-        if crate::protocol::write_frame(&mut w, &f).await.is_err() {
-            return;
-        }
-        while let Ok(f) = rx.try_recv() {
-            if crate::protocol::write_frame(&mut w, &f).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = w.shutdown().await;
-}
-
 async fn connection(
     broker: Arc<Broker>,
     stream: TcpStream,
@@ -190,7 +164,7 @@ async fn connection(
     let config = broker.config().clone();
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Bytes>(config.inflight_max as usize + 16);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let writer = tokio::spawn(crate::net::write_frames(wr, rx));
     let conn = Arc::new(Conn {
         broker,
         tx,
@@ -199,13 +173,12 @@ async fn connection(
         subs: Mutex::new(HashMap::new()),
     });
     let idle = Duration::from_millis(config.idle_timeout_ms);
-    let mut chunk = READ_CHUNK_MIN;
-    let mut buf = BytesMut::with_capacity(chunk);
+    let mut reader = crate::net::ReadBuffer::default();
     'connection: loop {
         loop {
-            match frame::decode_header(&buf) {
-                Ok(Some(h)) if buf.len() >= FRAME_HEADER_LEN + h.body_len => {
-                    let whole = buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
+            match frame::decode_header(&reader.buf) {
+                Ok(Some(h)) if reader.buf.len() >= FRAME_HEADER_LEN + h.body_len => {
+                    let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
                     let body = whole.slice(FRAME_HEADER_LEN..);
                     let permit = match conn.inflight.clone().acquire_owned().await {
                         Ok(p) => p,
@@ -219,7 +192,9 @@ async fn connection(
                     }
                 }
                 Ok(Some(h)) => {
-                    buf.reserve(FRAME_HEADER_LEN + h.body_len - buf.len());
+                    reader
+                        .buf
+                        .reserve(FRAME_HEADER_LEN + h.body_len - reader.buf.len());
                     break;
                 }
                 Ok(None) => break,
@@ -232,15 +207,11 @@ async fn connection(
         }
         // Read as much as the socket has, not one frame at a time: every
         // extra wake-up costs more than the copy.
-        if buf.capacity() - buf.len() < chunk / 4 {
-            buf.reserve(chunk);
-        }
-        let asked = buf.capacity() - buf.len();
+        reader.prepare();
         tokio::select! {
-            read = rd.read_buf(&mut buf) => match read {
+            read = rd.read_buf(&mut reader.buf) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) if n == asked => chunk = (chunk * 2).min(READ_CHUNK_MAX),
-                Ok(_) => {}
+                Ok(n) => reader.filled(n),
             },
             _ = stop.changed() => {
                 conn.send(error_frame(0, ErrorCode::ShuttingDown, "the broker is stopping")).await;

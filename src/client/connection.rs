@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -67,27 +67,11 @@ impl Connection {
             })?;
         let _ = stream.set_nodelay(true);
         let (mut rd, wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let pending: Pending = Arc::default();
         let pushes: Pushes = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(async move {
-            let mut w = BufWriter::with_capacity(32 << 10, wr);
-            while let Some(f) = rx.recv().await {
-                if crate::protocol::write_frame(&mut w, &f).await.is_err() {
-                    return;
-                }
-                while let Ok(f) = rx.try_recv() {
-                    if crate::protocol::write_frame(&mut w, &f).await.is_err() {
-                        return;
-                    }
-                }
-                if w.flush().await.is_err() {
-                    return;
-                }
-            }
-            let _ = w.shutdown().await;
-        });
+        tokio::spawn(crate::net::write_frames(wr, rx));
         {
             let pending = pending.clone();
             let pushes = pushes.clone();
@@ -224,20 +208,21 @@ async fn read_loop(
     pending: &Pending,
     pushes: &Pushes,
 ) -> ClientError {
-    let mut chunk = 8 << 10;
-    let mut buf = BytesMut::with_capacity(chunk);
+    let mut reader = crate::net::ReadBuffer::default();
     loop {
         loop {
-            let h = match frame::decode_header(&buf) {
+            let h = match frame::decode_header(&reader.buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => return ClientError::Protocol(e),
             };
-            if buf.len() < FRAME_HEADER_LEN + h.body_len {
-                buf.reserve(FRAME_HEADER_LEN + h.body_len - buf.len());
+            if reader.buf.len() < FRAME_HEADER_LEN + h.body_len {
+                reader
+                    .buf
+                    .reserve(FRAME_HEADER_LEN + h.body_len - reader.buf.len());
                 break;
             }
-            let whole = buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
+            let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
             let body = whole.slice(FRAME_HEADER_LEN..);
             if h.is_push() {
                 let deliveries = decode_deliveries(&body).map_err(ClientError::Protocol);
@@ -279,15 +264,10 @@ async fn read_loop(
                 }
             }
         }
-        // Small while idle; doubles up to 1 MiB while reads fill it.
-        if buf.capacity() - buf.len() < chunk / 4 {
-            buf.reserve(chunk);
-        }
-        let asked = buf.capacity() - buf.len();
-        match rd.read_buf(&mut buf).await {
+        reader.prepare();
+        match rd.read_buf(&mut reader.buf).await {
             Ok(0) => return ClientError::Closed,
-            Ok(n) if n == asked => chunk = (chunk * 2).min(1 << 20),
-            Ok(_) => {}
+            Ok(n) => reader.filled(n),
             Err(_) => return ClientError::Closed,
         }
     }

@@ -10,25 +10,6 @@ use thiserror::Error;
 
 pub use frame::{FrameHeader, Opcode, FRAME_BYTES_MAX, FRAME_HEADER_LEN};
 
-/// Frames at least this large skip the writer's buffer.
-pub const DIRECT_WRITE_BYTES: usize = 32 << 10;
-
-/// Writes a frame through a buffered writer; a large frame is written
-/// straight to the socket after what is buffered, instead of being copied
-/// into the buffer first. (The only I/O here: shared by client and broker.)
-pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut tokio::io::BufWriter<W>,
-    frame: &[u8],
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    if frame.len() >= DIRECT_WRITE_BYTES {
-        w.flush().await?;
-        w.get_mut().write_all(frame).await
-    } else {
-        w.write_all(frame).await
-    }
-}
-
 /// Why bytes are not a valid frame or body.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum WireError {

@@ -1,0 +1,105 @@
+//! Socket I/O shared by the broker and the client: the writer task that
+//! drains a connection's queue of frames, and the read buffer that grows
+//! only while the peer keeps it full. (The wire format itself is in
+//! `protocol`, which does no I/O.)
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
+
+/// The writer's buffer; frames this large or larger skip it.
+pub const WRITE_BUFFER_BYTES: usize = 32 << 10;
+/// A connection's read buffer starts this small (an idle connection costs
+/// little memory) ...
+pub const READ_CHUNK_MIN: usize = 8 << 10;
+/// ... and doubles up to this while reads fill what it asked for.
+pub const READ_CHUNK_MAX: usize = 1 << 20;
+
+/// A queue of whole frames to write.
+pub trait FrameQueue: Send {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Bytes>> + Send;
+    fn try_recv(&mut self) -> Option<Bytes>;
+}
+
+impl FrameQueue for mpsc::Receiver<Bytes> {
+    async fn recv(&mut self) -> Option<Bytes> {
+        mpsc::Receiver::recv(self).await
+    }
+    fn try_recv(&mut self) -> Option<Bytes> {
+        mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl FrameQueue for mpsc::UnboundedReceiver<Bytes> {
+    async fn recv(&mut self) -> Option<Bytes> {
+        mpsc::UnboundedReceiver::recv(self).await
+    }
+    fn try_recv(&mut self) -> Option<Bytes> {
+        mpsc::UnboundedReceiver::try_recv(self).ok()
+    }
+}
+
+/// Writes frames from `queue` until it closes or the socket fails: every
+/// frame queued meanwhile goes out with one flush, and a frame of
+/// `WRITE_BUFFER_BYTES` or more is written straight to the socket instead of
+/// being copied into the buffer. Shuts the write side down at the end.
+pub async fn write_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl FrameQueue) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, socket);
+    async fn put<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, frame: &[u8]) -> std::io::Result<()> {
+        if frame.len() >= WRITE_BUFFER_BYTES {
+            w.flush().await?;
+            w.get_mut().write_all(frame).await
+        } else {
+            w.write_all(frame).await
+        }
+    }
+    while let Some(f) = queue.recv().await {
+        if put(&mut w, &f).await.is_err() {
+            return;
+        }
+        while let Some(f) = queue.try_recv() {
+            if put(&mut w, &f).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// A read buffer sized by how the peer uses it.
+pub struct ReadBuffer {
+    pub buf: BytesMut,
+    chunk: usize,
+    asked: usize,
+}
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        ReadBuffer {
+            buf: BytesMut::with_capacity(READ_CHUNK_MIN),
+            chunk: READ_CHUNK_MIN,
+            asked: 0,
+        }
+    }
+}
+
+impl ReadBuffer {
+    /// Makes room for the next read; call before `read_buf(&mut self.buf)`.
+    pub fn prepare(&mut self) {
+        if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
+            self.buf.reserve(self.chunk);
+        }
+        self.asked = self.buf.capacity() - self.buf.len();
+    }
+
+    /// Records that a read returned `n` bytes: a read that filled all the
+    /// room doubles the next one.
+    pub fn filled(&mut self, n: usize) {
+        if n == self.asked {
+            self.chunk = (self.chunk * 2).min(READ_CHUNK_MAX);
+        }
+    }
+}
