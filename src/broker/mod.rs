@@ -657,6 +657,7 @@ impl Broker {
                 break;
             }
             let p = &topic.partitions[index as usize];
+            let mut joined = None;
             let dead = {
                 let now = now_ms();
                 let mut groups = p.groups.lock().expect("groups lock");
@@ -664,9 +665,7 @@ impl Broker {
                     Some(s) => s,
                     None => {
                         let start = p.log.start_offset();
-                        if let Some(store) = self.groups().as_ref() {
-                            store.write_nowait((&topic.name, index, group), &Entry::Join { start });
-                        }
+                        joined = Some(start);
                         groups
                             .entry(group.to_owned())
                             .or_insert(GroupPartitionState::new(start))
@@ -726,6 +725,11 @@ impl Broker {
                 }
                 dead
             };
+            // Written after the group lock is released: the store's thread
+            // takes group locks when it compacts, and its queue may be full.
+            if let (Some(start), Some(store)) = (joined, self.groups().as_ref()) {
+                store.write_nowait((&topic.name, index, group), &Entry::Join { start });
+            }
             if !dead.is_empty() {
                 self.dead_letter(topic, p, group, dead).await?;
             }
@@ -900,6 +904,11 @@ impl Broker {
     /// Flushes every log, writes every clean-shutdown marker and stops the
     /// helper threads. Call once no connection uses the broker any more.
     pub fn close(&self) -> Result<(), BrokerError> {
+        // The groups store first: a compaction it runs while closing
+        // snapshots the groups of the topics, which must still be there.
+        if let Some(store) = self.groups().take() {
+            store.close();
+        }
         let topics: Vec<Arc<Topic>> = self
             .topics
             .write()
@@ -907,9 +916,6 @@ impl Broker {
             .drain()
             .map(|(_, t)| t)
             .collect();
-        if let Some(store) = self.groups().take() {
-            store.close();
-        }
         let mut first_error = None;
         for mut topic in topics {
             // Tasks that were polling let go of the topic within a moment.
