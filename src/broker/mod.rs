@@ -917,7 +917,7 @@ impl Broker {
             .map(|(_, t)| t)
             .collect();
         let mut first_error = None;
-        for mut topic in topics {
+        for topic in topics {
             // Tasks that were polling let go of the topic within a moment.
             for _ in 0..200 {
                 if Arc::strong_count(&topic) == 1 {
@@ -925,22 +925,18 @@ impl Broker {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            let topic = loop {
-                match Arc::try_unwrap(topic) {
-                    Ok(t) => break Some(t),
-                    Err(t) if Arc::strong_count(&t) > 1 => {
-                        for p in &t.partitions {
-                            if let Err(e) = p.log.flush() {
-                                first_error.get_or_insert(e);
-                            }
+            let topic = match Arc::try_unwrap(topic) {
+                Ok(t) => t,
+                Err(t) => {
+                    for p in &t.partitions {
+                        if let Err(e) = p.log.flush() {
+                            first_error.get_or_insert(e);
                         }
-                        tracing::warn!(topic = %t.name, "still in use at close: flushed, but without the clean marker");
-                        break None;
                     }
-                    Err(t) => topic = t,
+                    tracing::warn!(topic = %t.name, "still in use at close: flushed, but without the clean marker");
+                    continue;
                 }
             };
-            let Some(topic) = topic else { continue };
             for p in topic.partitions {
                 p.waiter.lock().expect("waiter lock").stop();
                 let Ok(p) = Arc::try_unwrap(p) else { continue };

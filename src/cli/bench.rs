@@ -86,6 +86,13 @@ struct Percentiles {
 }
 
 impl Percentiles {
+    fn print(&self, label: &str) {
+        println!(
+            "  {label:<13} p50 {} us  p99 {} us  p999 {} us  max {} us",
+            self.p50_us, self.p99_us, self.p999_us, self.max_us
+        );
+    }
+
     fn of(h: &Histogram<u64>) -> Self {
         Percentiles {
             p50_us: h.value_at_quantile(0.5),
@@ -181,10 +188,7 @@ fn print_report(r: &Report) {
         );
     }
     if let Some(a) = &r.ack_latency {
-        println!(
-            "  ack latency   p50 {} us  p99 {} us  p999 {} us  max {} us",
-            a.p50_us, a.p99_us, a.p999_us, a.max_us
-        );
+        a.print("ack latency");
     }
     if r.consumers > 0 {
         println!(
@@ -192,10 +196,7 @@ fn print_report(r: &Report) {
             r.consumed, r.consume_seconds, r.consume_msgs_per_s, r.consume_mb_per_s
         );
         if let Some(e) = &r.end_to_end_latency {
-            println!(
-                "  end-to-end    p50 {} us  p99 {} us  p999 {} us  max {} us",
-                e.p50_us, e.p99_us, e.p999_us, e.max_us
-            );
+            e.print("end-to-end");
         }
     }
     if r.failed_batches > 0 {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use super::error::{Result, StorageError};
 use super::mmap::SegmentMap;
 use super::recovery::{classify_tail, scan_segment, Checkpoint, TailVerdict, CHECKPOINT_FILE};
-use super::segment::{self, data_end, file_name, LOG_SUFFIX};
+use super::segment::{data_end, file_name, LOG_SUFFIX};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
@@ -80,18 +80,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StorageError::io(checkpoint_path)(e)),
     }
-    let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
-        let entry = entry.map_err(StorageError::io(dir))?;
-        if let Some(base) = entry
-            .file_name()
-            .to_str()
-            .and_then(segment::parse_log_file_name)
-        {
-            bases.push(base);
-        }
-    }
-    bases.sort_unstable();
+    let bases = super::list_segments(dir)?;
     let durable_bound = report.checkpoint.map_or(0, |c| c.durable_offset);
     let mut expected_base: Option<u64> = None;
     for (i, &base) in bases.iter().enumerate() {

@@ -1117,7 +1117,8 @@ fn remove_temporary_files(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+/// Base offsets of the segment files in `dir`, in order.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
         let entry = entry.map_err(StorageError::io(dir))?;
