@@ -65,6 +65,20 @@ pub struct BrokerConfig {
     pub idle_timeout_ms: u64,
     /// The groups log is compacted past this size. Default: 64 MiB.
     pub groups_compact_bytes: u64,
+    /// An undecided transaction is first asked back this long after its
+    /// first half message was stored. Default: 6,000 ms.
+    pub txn_check_after_ms: u64,
+    /// Delay before asking again after an unanswered or "unknown" check;
+    /// doubles with each check, at most 60 s. Default: 5,000 ms.
+    pub txn_check_interval_ms: u64,
+    /// Checks before an undecided transaction is rolled back. Default: 15.
+    pub txn_check_max: u32,
+    /// Undecided transactions held at once; more halves get BUSY.
+    /// Default: 100,000.
+    pub txn_open_max: usize,
+    /// Delayed messages pending at once; more get BUSY. Default: 10,000,000
+    /// (16 bytes of memory each).
+    pub delayed_max: usize,
 }
 
 impl Default for BrokerConfig {
@@ -94,6 +108,11 @@ impl Default for BrokerConfig {
             inflight_max: 1024,
             idle_timeout_ms: 300_000,
             groups_compact_bytes: 64 << 20,
+            txn_check_after_ms: 6_000,
+            txn_check_interval_ms: 5_000,
+            txn_check_max: 15,
+            txn_open_max: 100_000,
+            delayed_max: 10_000_000,
         }
     }
 }
@@ -114,6 +133,11 @@ impl BrokerConfig {
         }
         if self.max_connections == 0 || self.inflight_max == 0 {
             return Err("max_connections and inflight_max must be at least 1".into());
+        }
+        if self.txn_check_interval_ms == 0 || self.txn_check_max == 0 || self.txn_open_max == 0 {
+            return Err(
+                "txn_check_interval_ms, txn_check_max and txn_open_max must be at least 1".into(),
+            );
         }
         if let Backoff::Exponential {
             base_ms,
@@ -151,7 +175,12 @@ impl BrokerConfig {
             max_connections,
             inflight_max,
             idle_timeout_ms,
-            groups_compact_bytes
+            groups_compact_bytes,
+            txn_check_after_ms,
+            txn_check_interval_ms,
+            txn_check_max,
+            txn_open_max,
+            delayed_max
         );
         if let Some(v) = f.retention_ms {
             self.retention_ms = (v > 0).then_some(v);
@@ -240,6 +269,11 @@ struct FileConfig {
     inflight_max: Option<u32>,
     idle_timeout_ms: Option<u64>,
     groups_compact_bytes: Option<u64>,
+    txn_check_after_ms: Option<u64>,
+    txn_check_interval_ms: Option<u64>,
+    txn_check_max: Option<u32>,
+    txn_open_max: Option<usize>,
+    delayed_max: Option<usize>,
 }
 
 #[derive(Deserialize)]

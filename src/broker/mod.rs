@@ -9,11 +9,14 @@
 //!   topics/<topic>/topic.json      partitions and consumer settings
 //!   topics/<topic>/<partition>/    one log (docs/FORMAT.md)
 //!   _groups/                       acks of every group (group_store.rs)
+//!   _schedule/                     delayed messages and transactions
+//!                                  (schedule.rs)
 //! ```
 
 pub mod config;
 pub mod group;
 pub mod group_store;
+pub mod schedule;
 pub mod server;
 
 use std::collections::{BTreeSet, HashMap};
@@ -31,6 +34,7 @@ use tokio::sync::{oneshot, Notify};
 pub use config::BrokerConfig;
 use group::{DeadLetter, GroupPartitionState, Policy};
 use group_store::{Collector, Entry, GroupKey, GroupStore, StoredGroup};
+use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
 use crate::log::{Appended, FlushMode, Log, Options, StorageError};
@@ -39,6 +43,7 @@ use crate::protocol::body::{
     ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION, NACK_DEFAULT_DELAY,
     PARTITIONS_MAX,
 };
+use crate::protocol::txn::{DelayedRequest, HalfRequest, Placed};
 use crate::protocol::ErrorCode;
 
 /// Header names on a dead-lettered message.
@@ -74,6 +79,12 @@ pub enum BrokerError {
     Storage(#[from] StorageError),
     #[error("storage: {0}")]
     Durability(String),
+    #[error("unknown transaction {0:032x}")]
+    UnknownTransaction(u128),
+    #[error("{0}")]
+    TransactionDecided(String),
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -92,6 +103,9 @@ impl BrokerError {
             BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
             BrokerError::InvalidMessage(_) => ErrorCode::InvalidMessage,
             BrokerError::UnknownSubscription(_) => ErrorCode::UnknownSubscription,
+            BrokerError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
+            BrokerError::TransactionDecided(_) => ErrorCode::TransactionDecided,
+            BrokerError::Busy(_) => ErrorCode::Busy,
             BrokerError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,
             BrokerError::Storage(_) | BrokerError::Durability(_) | BrokerError::Io { .. } => {
                 ErrorCode::Storage
@@ -289,6 +303,7 @@ pub struct Broker {
     config: BrokerConfig,
     topics: Topics,
     groups: Mutex<Option<GroupStore>>,
+    schedule: Arc<Schedule>,
     create_lock: Mutex<()>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
@@ -311,10 +326,27 @@ impl Broker {
             config.groups_compact_bytes,
             collector,
         )?;
+        let mut schedule_options = log_options(&config);
+        schedule_options.segment_bytes = config.segment_bytes.min(64 << 20);
+        schedule_options.record_bytes_max = config.record_bytes_max.saturating_add(1024);
+        schedule_options.retention.age_ms_max = None;
+        schedule_options.retention.bytes_max = None;
+        let schedule = Arc::new(Schedule::open(
+            config.data_dir.join("_schedule"),
+            schedule_options,
+            schedule::Limits {
+                check_after_ms: config.txn_check_after_ms,
+                check_interval_ms: config.txn_check_interval_ms,
+                check_max: config.txn_check_max,
+                txn_open_max: config.txn_open_max,
+                delayed_max: config.delayed_max,
+            },
+        )?);
         let broker = Arc::new(Broker {
             config,
             topics,
             groups: Mutex::new(Some(store)),
+            schedule,
             create_lock: Mutex::new(()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
@@ -335,7 +367,17 @@ impl Broker {
                 .expect("topics lock")
                 .insert(name, topic);
         }
+        // After the topics: the scheduler delivers into them.
+        broker
+            .schedule
+            .start(Arc::downgrade(&broker))
+            .map_err(io_err(&broker.config.data_dir))?;
         Ok(broker)
+    }
+
+    /// Delayed messages and transactions.
+    pub fn schedule(&self) -> &Arc<Schedule> {
+        &self.schedule
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -356,18 +398,7 @@ impl Broker {
     }
 
     fn log_options(&self) -> Options {
-        let mut o = Options {
-            flush: self.config.flush,
-            write_path: self.config.write_path,
-            segment_bytes: self.config.segment_bytes,
-            record_bytes_max: self.config.record_bytes_max,
-            ..Options::default()
-        };
-        o.dedup.records_max = self.config.dedup_window_ids;
-        o.dedup.age_ms_max = self.config.dedup_window_ms;
-        o.retention.age_ms_max = self.config.retention_ms;
-        o.retention.bytes_max = self.config.retention_bytes;
-        o
+        log_options(&self.config)
     }
 
     /// Opens a topic's partitions; with `create`, first writes its
@@ -606,15 +637,7 @@ impl Broker {
         &self,
         req: &ProduceRequest<'_>,
     ) -> Result<(Arc<Partition>, Appended), BrokerError> {
-        let topic = self.topic_or_create(req.topic)?;
-        let index = if req.partition == ANY_PARTITION {
-            match req.messages.first().and_then(|m| m.key) {
-                Some(key) => partition_for_key(key, topic.meta.partitions),
-                None => topic.next_round_robin(),
-            }
-        } else {
-            req.partition
-        };
+        let (topic, index) = self.resolve(req)?;
         let partition = topic.partition(index)?.clone();
         let appended = partition.log.append(&req.messages).map_err(|e| match e {
             e @ StorageError::InvalidMessage { .. } => BrokerError::InvalidMessage(e),
@@ -622,6 +645,74 @@ impl Broker {
         })?;
         topic.appended.notify_waiters();
         Ok((partition, appended))
+    }
+
+    /// The topic (created if allowed) and partition a batch goes to:
+    /// ANY_PARTITION picks by the first message's key, else round-robin.
+    fn resolve(&self, req: &ProduceRequest<'_>) -> Result<(Arc<Topic>, u32), BrokerError> {
+        let topic = self.topic_or_create(req.topic)?;
+        let index = if req.partition == ANY_PARTITION {
+            match req.messages.first().and_then(|m| m.key) {
+                Some(key) => partition_for_key(key, topic.meta.partitions),
+                None => topic.next_round_robin(),
+            }
+        } else {
+            topic.partition(req.partition)?;
+            req.partition
+        };
+        Ok((topic, index))
+    }
+
+    /// Stores a batch that becomes visible in its topic after `delay_ms`.
+    /// Under sync flush the caller waits for
+    /// `schedule().wait_durable(appended.durable_target())`.
+    pub fn produce_delayed(
+        &self,
+        req: &DelayedRequest<'_>,
+    ) -> Result<(u32, Appended), BrokerError> {
+        let (topic, index) = self.resolve(&req.produce)?;
+        let appended = self
+            .schedule
+            .delay(&topic.name, index, req.delay_ms, &req.produce)?;
+        Ok((index, appended))
+    }
+
+    /// Stores half messages of a transaction (same durability rule as
+    /// `produce_delayed`).
+    pub fn produce_half(&self, req: &HalfRequest<'_>) -> Result<(u32, Appended), BrokerError> {
+        check_name("group", req.group).map_err(BrokerError::InvalidName)?;
+        let (topic, index) = self.resolve(&req.produce)?;
+        let appended =
+            self.schedule
+                .half(req.group, req.txn_id, &topic.name, index, &req.produce)?;
+        Ok((index, appended))
+    }
+
+    /// Appends messages stored in the schedule (fired delayed messages, a
+    /// committed transaction) to their partition with their original ids,
+    /// and waits for durability under sync flush. Blocking.
+    pub(crate) fn append_stored(
+        &self,
+        topic: &str,
+        partition: u32,
+        messages: &[Message<'_>],
+    ) -> Result<Vec<Placed>, BrokerError> {
+        let t = self.topic_or_create(topic)?;
+        let p = t.partition(partition)?.clone();
+        let appended = p.log.append(messages)?;
+        if self.config.flush == FlushMode::Sync {
+            p.log.wait_durable(appended.durable_target())?;
+        }
+        t.appended.notify_waiters();
+        Ok(appended
+            .outcomes
+            .iter()
+            .map(|o| Placed {
+                topic: topic.to_owned(),
+                partition,
+                offset: o.offset,
+            })
+            .collect())
     }
 
     fn groups(&self) -> std::sync::MutexGuard<'_, Option<GroupStore>> {
@@ -904,7 +995,9 @@ impl Broker {
     /// Flushes every log, writes every clean-shutdown marker and stops the
     /// helper threads. Call once no connection uses the broker any more.
     pub fn close(&self) -> Result<(), BrokerError> {
-        // The groups store first: a compaction it runs while closing
+        // The scheduler first: it delivers into the topics.
+        let schedule_result = self.schedule.close();
+        // The groups store next: a compaction it runs while closing
         // snapshots the groups of the topics, which must still be there.
         if let Some(store) = self.groups().take() {
             store.close();
@@ -951,9 +1044,25 @@ impl Broker {
         }
         match first_error {
             Some(e) => Err(e.into()),
-            None => Ok(()),
+            None => schedule_result,
         }
     }
+}
+
+/// The options of every partition's log.
+fn log_options(config: &BrokerConfig) -> Options {
+    let mut o = Options {
+        flush: config.flush,
+        write_path: config.write_path,
+        segment_bytes: config.segment_bytes,
+        record_bytes_max: config.record_bytes_max,
+        ..Options::default()
+    };
+    o.dedup.records_max = config.dedup_window_ids;
+    o.dedup.age_ms_max = config.dedup_window_ms;
+    o.retention.age_ms_max = config.retention_ms;
+    o.retention.bytes_max = config.retention_bytes;
+    o
 }
 
 fn snapshot_groups(topics: &Topics) -> Vec<(GroupKey, Entry)> {

@@ -28,6 +28,7 @@ use crate::protocol::body::{
     Subscribe, TopicSummary, ANY_PARTITION,
 };
 use crate::protocol::frame::{self, FLAG_PUSH, FLAG_RESPONSE};
+use crate::protocol::txn;
 use crate::protocol::{
     ErrorCode, FrameHeader, Opcode, WireError, FRAME_BYTES_MAX, FRAME_HEADER_LEN,
 };
@@ -455,10 +456,100 @@ async fn dispatch(
             });
             return Ok(());
         }
-        Opcode::Deliver | Opcode::Error => {
+        Opcode::TxnRegister => {
+            let group = txn::decode_register(&body)?;
+            conn.send(match body::check_name("group", group) {
+                Err(reason) => broker_error(&h, &BrokerError::InvalidName(reason)),
+                Ok(()) => {
+                    broker
+                        .schedule()
+                        .register(group, conn.tx.downgrade(), h.correlation_id);
+                    conn.reply(&h, |_| {})
+                }
+            })
+            .await;
+        }
+        Opcode::TxnHalf => {
+            let req = txn::decode_half(&body)?;
+            let result = broker.produce_half(&req);
+            return stored_reply(conn, h, result, permit).await;
+        }
+        Opcode::ProduceDelayed => {
+            let req = txn::decode_delayed(&body)?;
+            let result = broker.produce_delayed(&req);
+            return stored_reply(conn, h, result, permit).await;
+        }
+        Opcode::TxnEnd => {
+            let (txn_id, decision) = txn::decode_end(&body)?;
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let b = conn.broker.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || b.schedule().end(&b, txn_id, decision))
+                        .await;
+                let frame = match result {
+                    Ok(Ok(reply)) => conn.reply(&h, |o| reply.encode(o)),
+                    Ok(Err(e)) => broker_error(&h, &e),
+                    Err(e) => broker_error(&h, &BrokerError::Durability(e.to_string())),
+                };
+                conn.send(frame).await;
+                drop(permit);
+            });
+            return Ok(());
+        }
+        Opcode::Deliver | Opcode::Error | Opcode::TxnCheck => {
             return Err(WireError::Malformed(format!("{:?} is not a request", h.opcode)).into());
         }
     }
+    drop(permit);
+    Ok(())
+}
+
+/// Answers a PRODUCE_DELAYED or TXN_HALF with a PRODUCE-shaped reply once
+/// the schedule log holds the batch as the flush policy requires.
+async fn stored_reply(
+    conn: &Arc<Conn>,
+    h: FrameHeader,
+    result: Result<(u32, crate::log::Appended), BrokerError>,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), Fatal> {
+    let (index, appended) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            conn.send(broker_error(&h, &e)).await;
+            return Ok(());
+        }
+    };
+    let reply = move |appended: &crate::log::Appended| {
+        build(h.opcode, FLAG_RESPONSE, h.correlation_id, |o| {
+            ProduceReply::encode_from(
+                index,
+                appended.outcomes.iter().map(|a| body::ProduceOutcome {
+                    offset: a.offset,
+                    duplicate: a.duplicate,
+                }),
+                o,
+            )
+        })
+    };
+    if conn.broker.config().flush == FlushMode::Sync {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let b = conn.broker.clone();
+            let target = appended.durable_target();
+            let durable =
+                tokio::task::spawn_blocking(move || b.schedule().wait_durable(target)).await;
+            let frame = match durable {
+                Ok(Ok(())) => reply(&appended),
+                Ok(Err(e)) => broker_error(&h, &e),
+                Err(e) => broker_error(&h, &BrokerError::Durability(e.to_string())),
+            };
+            conn.send(frame).await;
+            drop(permit);
+        });
+        return Ok(());
+    }
+    conn.send(reply(&appended)).await;
     drop(permit);
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bida::client::txn::{send_delayed, RetryOptions};
 use bida::client::{Client, OutgoingMessage, Producer, ProducerOptions};
 
 use super::DEFAULT_BROKER;
@@ -27,6 +28,60 @@ pub struct Args {
     /// Attempts per batch before a send fails.
     #[arg(long, default_value_t = 10)]
     attempts: u32,
+    /// Deliver each message this many milliseconds after the broker stores
+    /// it (sent in batches of 1,000 lines).
+    #[arg(long)]
+    delay_ms: Option<u64>,
+}
+
+/// `--delay-ms`: batches of lines through PRODUCE_DELAYED.
+async fn run_delayed(args: &Args, delay_ms: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let client = Client::connect(args.broker).await?;
+    let retry = RetryOptions {
+        attempts: args.attempts,
+        ..RetryOptions::default()
+    };
+    let delay = std::time::Duration::from_millis(delay_ms);
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let (mut sent, mut duplicates) = (0u64, 0u64);
+    let mut batch = Vec::with_capacity(1000);
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        let line = lines.next().transpose()?;
+        if let Some(line) = line.as_ref() {
+            batch.push(message_from(args.key_tab, line));
+        }
+        if batch.len() == 1000 || (line.is_none() && !batch.is_empty()) {
+            let results = send_delayed(&client, &args.topic, delay, &batch, retry).await?;
+            for (id, o) in &results {
+                duplicates += o.duplicate as u64;
+                if args.verbose {
+                    let dup = if o.duplicate { "duplicate" } else { "new" };
+                    writeln!(out, "{}\t{id}\t{dup}", o.offset)?;
+                }
+            }
+            sent += results.len() as u64;
+            batch.clear();
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    out.flush()?;
+    eprintln!(
+        "bida produce: {sent} sent, {sent} acked ({duplicates} duplicates), 0 failed, topic {}, delayed {delay_ms} ms (offsets are schedule positions)",
+        args.topic
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn message_from(key_tab: bool, line: &str) -> OutgoingMessage {
+    match (key_tab, line.split_once('\t')) {
+        (true, Some((key, payload))) => {
+            OutgoingMessage::new(payload.as_bytes().to_vec()).with_key(key.as_bytes().to_vec())
+        }
+        _ => OutgoingMessage::new(line.as_bytes().to_vec()),
+    }
 }
 
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -34,6 +89,9 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        if let Some(delay_ms) = args.delay_ms {
+            return run_delayed(&args, delay_ms).await;
+        }
         let client = Client::connect(args.broker).await?;
         let options = ProducerOptions {
             attempts: args.attempts,
@@ -47,12 +105,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let mut sent = 0u64;
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
-            let line = line?;
-            let msg = match (args.key_tab, line.split_once('\t')) {
-                (true, Some((key, payload))) => OutgoingMessage::new(payload.as_bytes().to_vec())
-                    .with_key(key.as_bytes().to_vec()),
-                _ => OutgoingMessage::new(line.into_bytes()),
-            };
+            let msg = message_from(args.key_tab, &line?);
             let (acked, duplicates, failed, out) = (
                 acked.clone(),
                 duplicates.clone(),

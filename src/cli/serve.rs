@@ -66,6 +66,17 @@ pub struct Args {
     /// Inner-msg-ids remembered per partition for dedup [default: 2000000]
     #[arg(long)]
     pub dedup_window_ids: Option<u64>,
+    /// First check-back of an undecided transaction after this many ms
+    /// [default: 6000]
+    #[arg(long)]
+    pub txn_check_after_ms: Option<u64>,
+    /// Delay between check-backs, doubling up to 60 s [default: 5000]
+    #[arg(long)]
+    pub txn_check_interval_ms: Option<u64>,
+    /// Check-backs before an undecided transaction is rolled back
+    /// [default: 15]
+    #[arg(long)]
+    pub txn_check_max: Option<u32>,
 }
 
 impl Args {
@@ -108,7 +119,10 @@ impl Args {
             max_connections,
             inflight_max,
             idle_timeout_ms,
-            dedup_window_ids
+            dedup_window_ids,
+            txn_check_after_ms,
+            txn_check_interval_ms,
+            txn_check_max
         );
         c.validate()?;
         Ok(c)

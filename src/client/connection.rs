@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::ClientError;
 use crate::protocol::body::{decode_deliveries, Delivery, ErrorBody, Hello, HelloReply};
 use crate::protocol::frame::{self, VERSION};
+use crate::protocol::txn::Check;
 use crate::protocol::{Opcode, FRAME_HEADER_LEN};
 
 /// Correlation ids are unique in the process, so a frame built ahead (a
@@ -26,6 +27,8 @@ pub fn next_correlation_id() -> u64 {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, ClientError>>>>>;
 type Pushes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>>>>;
+/// TXN_CHECK pushes, by the TXN_REGISTER's correlation id.
+type Checks = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Check>>>>;
 
 /// The answer to a queued request.
 pub struct Answer {
@@ -52,6 +55,7 @@ pub struct Connection {
     tx: mpsc::UnboundedSender<Bytes>,
     pending: Pending,
     pushes: Pushes,
+    checks: Checks,
     closed: Arc<AtomicBool>,
     pub server: String,
 }
@@ -70,15 +74,19 @@ impl Connection {
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let pending: Pending = Arc::default();
         let pushes: Pushes = Arc::default();
+        let checks: Checks = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         tokio::spawn(crate::net::write_frames(wr, rx));
         {
             let pending = pending.clone();
             let pushes = pushes.clone();
+            let checks = checks.clone();
             let closed = closed.clone();
             tokio::spawn(async move {
-                let error = read_loop(&mut rd, &pending, &pushes).await;
+                let error = read_loop(&mut rd, &pending, &pushes, &checks).await;
                 closed.store(true, Ordering::Release);
+                // Dropping the senders ends each check listener's stream.
+                checks.lock().expect("checks").clear();
                 for (_, p) in pending.lock().expect("pending").drain() {
                     let _ = p.send(Err(error.clone()));
                 }
@@ -91,6 +99,7 @@ impl Connection {
             tx,
             pending,
             pushes,
+            checks,
             closed,
             server: String::new(),
         };
@@ -198,6 +207,44 @@ impl Connection {
         }
     }
 
+    /// Joins a producer group: the broker may send this connection
+    /// TXN_CHECK pushes, which arrive on the returned stream (it ends when
+    /// the connection does).
+    pub async fn register_producer_group(
+        &self,
+        group: &str,
+    ) -> Result<mpsc::UnboundedReceiver<Check>, ClientError> {
+        let id = self.next_correlation();
+        let (check_tx, check_rx) = mpsc::unbounded_channel();
+        self.checks.lock().expect("checks").insert(id, check_tx);
+        let mut body = Vec::new();
+        crate::protocol::txn::encode_register(group, &mut body);
+        let (done, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, done);
+        if self.is_closed()
+            || self
+                .tx
+                .send(Bytes::from(frame::encode(
+                    Opcode::TxnRegister,
+                    0,
+                    id,
+                    &body,
+                )))
+                .is_err()
+        {
+            self.pending.lock().expect("pending").remove(&id);
+            self.checks.lock().expect("checks").remove(&id);
+            return Err(ClientError::Closed);
+        }
+        match rx.await.unwrap_or(Err(ClientError::Closed)) {
+            Ok(_) => Ok(check_rx),
+            Err(e) => {
+                self.checks.lock().expect("checks").remove(&id);
+                Err(e)
+            }
+        }
+    }
+
     pub fn forget_subscription(&self, id: u64) {
         self.pushes.lock().expect("pushes").remove(&id);
     }
@@ -207,6 +254,7 @@ async fn read_loop(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     pending: &Pending,
     pushes: &Pushes,
+    checks: &Checks,
 ) -> ClientError {
     let mut reader = crate::net::ReadBuffer::default();
     loop {
@@ -224,6 +272,16 @@ async fn read_loop(
             }
             let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
             let body = whole.slice(FRAME_HEADER_LEN..);
+            if h.is_push() && h.opcode == Opcode::TxnCheck {
+                let check = match Check::decode(&body) {
+                    Ok(c) => c,
+                    Err(e) => return ClientError::Protocol(e),
+                };
+                if let Some(c) = checks.lock().expect("checks").get(&h.correlation_id) {
+                    let _ = c.send(check);
+                }
+                continue;
+            }
             if h.is_push() {
                 let deliveries = decode_deliveries(&body).map_err(ClientError::Protocol);
                 if let Some(p) = pushes.lock().expect("pushes").get(&h.correlation_id) {

@@ -9,11 +9,14 @@
 //! - [`Consumer`]: pull (`fetch`) or push (`subscribe`, with credit), and
 //!   explicit `ack` / `nack`.
 //! - [`idempotent`]: skips messages whose business id was processed.
+//! - [`txn`]: transactions (half messages with check-back) and delayed
+//!   sends.
 
 mod connection;
 pub mod consumer;
 pub mod idempotent;
 pub mod producer;
+pub mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -109,6 +109,41 @@ impl OutgoingMessage {
     }
 }
 
+/// Appends `msg` with `id` as one message of a PRODUCE-shaped body,
+/// checking the sizes the wire allows.
+pub(crate) fn encode_message(
+    id: InnerMsgId,
+    msg: &OutgoingMessage,
+    out: &mut Vec<u8>,
+) -> Result<(), ClientError> {
+    let pairs: Vec<(&[u8], &[u8])> = msg
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_bytes(), &v[..]))
+        .collect();
+    let headers = encode_headers(&pairs).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    if msg
+        .key
+        .as_ref()
+        .is_some_and(|k| k.len() > u16::MAX as usize)
+    {
+        return Err(ClientError::Invalid("key longer than 65535 bytes".into()));
+    }
+    if msg.payload.len() > u32::MAX as usize {
+        return Err(ClientError::Invalid("payload over 4 GiB".into()));
+    }
+    encode_produce_message(id, msg.key.as_deref(), &headers, &msg.payload, out);
+    Ok(())
+}
+
+/// A fresh random 64-bit producer id.
+pub(crate) fn random_u64() -> Result<u64, ClientError> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id)
+        .map_err(|e| ClientError::Invalid(format!("no randomness for a producer id: {e}")))?;
+    Ok(u64::from_le_bytes(id))
+}
+
 /// A PRODUCE body ready to send, and its messages' ids.
 pub struct EncodedBatch {
     frame: Prebuilt,
@@ -200,9 +235,7 @@ impl Producer {
                 TopicConfig::default(),
             )
             .await?;
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id)
-            .map_err(|e| ClientError::Invalid(format!("no randomness for a producer id: {e}")))?;
+        let producer_id = random_u64()?;
         let shared = Arc::new(Shared {
             client,
             topic: topic.to_owned(),
@@ -217,7 +250,7 @@ impl Producer {
         Ok(Producer {
             topic: topic.to_owned(),
             partitions: summary.partitions,
-            producer_id: u64::from_le_bytes(id),
+            producer_id,
             sequence: AtomicU64::new(1),
             round_robin: AtomicU64::new(0),
             tx,
@@ -250,25 +283,9 @@ impl Producer {
     }
 
     fn encode(&self, msg: &OutgoingMessage) -> Result<(u32, InnerMsgId, Vec<u8>), ClientError> {
-        let pairs: Vec<(&[u8], &[u8])> = msg
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_bytes(), &v[..]))
-            .collect();
-        let headers = encode_headers(&pairs).map_err(|e| ClientError::Invalid(e.to_string()))?;
-        if msg
-            .key
-            .as_ref()
-            .is_some_and(|k| k.len() > u16::MAX as usize)
-        {
-            return Err(ClientError::Invalid("key longer than 65535 bytes".into()));
-        }
-        if msg.payload.len() > u32::MAX as usize {
-            return Err(ClientError::Invalid("payload over 4 GiB".into()));
-        }
         let id = self.next_id();
         let mut encoded = Vec::with_capacity(27 + msg.payload.len());
-        encode_produce_message(id, msg.key.as_deref(), &headers, &msg.payload, &mut encoded);
+        encode_message(id, msg, &mut encoded)?;
         Ok((self.partition_for(msg.key.as_deref()), id, encoded))
     }
 

@@ -440,6 +440,21 @@ impl Log {
         self.inner.apply_retention(now_ms())
     }
 
+    /// Deletes every sealed segment whose records all lie below `offset`
+    /// (the owner no longer needs them). The active segment always stays.
+    pub fn delete_before(&self, offset: u64) -> Result<RetentionReport> {
+        let doomed: Vec<Arc<Segment>> = {
+            let segments = self.inner.segments();
+            let sealed = &segments[..segments.len().saturating_sub(1)];
+            sealed
+                .iter()
+                .take_while(|s| s.next_offset() <= offset)
+                .cloned()
+                .collect()
+        };
+        self.inner.delete_segments(doomed)
+    }
+
     /// The offset of the record stored with `id`, if `id` is still in the
     /// dedup window.
     pub fn lookup_id(&self, id: InnerMsgId) -> Option<u64> {
@@ -731,6 +746,12 @@ impl Inner {
             }
             doomed
         };
+        self.delete_segments(doomed)
+    }
+
+    /// Removes `doomed` (a prefix of the sealed segments) from the log and
+    /// deletes their files.
+    fn delete_segments(&self, doomed: Vec<Arc<Segment>>) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         if !doomed.is_empty() {
             let mut segments = self.segments.write().unwrap_or_else(|p| p.into_inner());
@@ -740,7 +761,7 @@ impl Inner {
             segment.delete_files(&self.dir)?;
             report.segments_deleted += 1;
             report.bytes_deleted += segment.size_bytes();
-            tracing::info!(segment = %segment.path.display(), bytes = segment.size_bytes(), "retention deleted a segment");
+            tracing::info!(segment = %segment.path.display(), bytes = segment.size_bytes(), "deleted a segment");
         }
         if !doomed.is_empty() {
             segment::sync_dir(&self.dir)?;

@@ -527,6 +527,18 @@ pub fn decode_produce(body: &[u8]) -> Result<ProduceRequest<'_>, WireError> {
     let mut r = Reader::new(body);
     let topic = r.str("topic", TOPIC_NAME_MAX)?;
     let partition = r.u32()?;
+    let messages = decode_messages(&mut r)?;
+    r.finish()?;
+    Ok(ProduceRequest {
+        topic,
+        partition,
+        messages,
+    })
+}
+
+/// `u32 count`, then the messages of a PRODUCE body; shared by every
+/// request that carries messages (PRODUCE, PRODUCE_DELAYED, TXN_HALF).
+pub fn decode_messages<'a>(r: &mut Reader<'a>) -> Result<Vec<Message<'a>>, WireError> {
     let n = r.count("messages", PRODUCE_MESSAGES_MAX, PRODUCE_MESSAGE_MIN)?;
     let mut messages = Vec::with_capacity(n);
     for _ in 0..n {
@@ -555,12 +567,7 @@ pub fn decode_produce(body: &[u8]) -> Result<ProduceRequest<'_>, WireError> {
             payload,
         });
     }
-    r.finish()?;
-    Ok(ProduceRequest {
-        topic,
-        partition,
-        messages,
-    })
+    Ok(messages)
 }
 
 /// The fate of one produced message.

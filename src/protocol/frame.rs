@@ -78,11 +78,22 @@ opcodes! {
     GroupPosition = 0x36,
     /// Pushed to a subscription (flag PUSH).
     Deliver = 0x38,
+    /// Joins the connection to a producer group (it may be asked back).
+    TxnRegister = 0x40,
+    /// Stores messages of a transaction, invisible until it commits.
+    TxnHalf = 0x41,
+    /// Commits or rolls back a transaction (or answers a check: unknown).
+    TxnEnd = 0x42,
+    /// Pushed to a registered producer (flag PUSH): "did this commit?".
+    TxnCheck = 0x43,
+    /// Stores messages that become visible after a delay.
+    ProduceDelayed = 0x44,
     /// The answer to a request that failed (flag RESPONSE).
     Error = 0x7F,
 }
 
-/// Opcodes 0x40..=0x4F are reserved for transactional (half) messages.
+/// Opcodes 0x40..=0x4F belong to transactions and delayed delivery
+/// (0x45..=0x4F are still free).
 pub const RESERVED_TRANSACTION_OPCODES: std::ops::RangeInclusive<u8> = 0x40..=0x4F;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod frame;
+pub mod txn;
 
 use thiserror::Error;
 
@@ -80,10 +81,19 @@ error_codes! {
     /// A request field is out of range (e.g. zero partitions).
     InvalidRequest = 105,
     UnknownSubscription = 106,
+    /// TXN_END or TXN_HALF names a transaction the broker does not hold
+    /// (never begun, or finished so long ago it is forgotten).
+    UnknownTransaction = 107,
+    /// The transaction was already decided the other way (a commit after a
+    /// rollback, or the reverse), or a half arrived after the decision.
+    TransactionDecided = 108,
     /// The storage failed (I/O error). Retriable on another attempt.
     Storage = 200,
     /// No space left on the device. Retriable once space is freed.
     DiskFull = 201,
+    /// A bounded table is full (open transactions, pending delayed
+    /// messages) or the transaction is being decided right now. Retriable.
+    Busy = 202,
 }
 
 impl ErrorCode {
@@ -96,7 +106,7 @@ impl ErrorCode {
     pub fn is_retriable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Storage | ErrorCode::DiskFull | ErrorCode::ShuttingDown
+            ErrorCode::Storage | ErrorCode::DiskFull | ErrorCode::ShuttingDown | ErrorCode::Busy
         )
     }
 }
