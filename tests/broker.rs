@@ -587,7 +587,7 @@ async fn bad_frames_get_an_error_and_a_close_and_hurt_no_one_else() {
     huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
     expect_error_then_close(&huge, broker.addr, ErrorCode::FrameTooLarge).await;
     let mut unknown = frame::encode(Opcode::Ping, 0, 1, b"");
-    unknown[7] = 0x41;
+    unknown[7] = 0x4E;
     expect_error_then_close(&unknown, broker.addr, ErrorCode::UnknownOpcode).await;
     // A well-framed PRODUCE whose body lies about its counts.
     let mut body = Vec::new();

@@ -248,8 +248,8 @@ mod tests {
         f[VERSION_OFFSET] = 9;
         assert_eq!(decode_header(&f), Err(WireError::UnsupportedVersion(9)));
         let mut f = good.clone();
-        f[OPCODE_OFFSET] = 0x41;
-        assert_eq!(decode_header(&f), Err(WireError::UnknownOpcode(0x41)));
+        f[OPCODE_OFFSET] = 0x4E;
+        assert_eq!(decode_header(&f), Err(WireError::UnknownOpcode(0x4E)));
         let mut f = good;
         f[FLAGS_OFFSET] = 0x80;
         assert!(matches!(decode_header(&f), Err(WireError::Malformed(_))));
