@@ -282,6 +282,10 @@ pub struct Schedule {
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub metrics: ScheduleMetrics,
+    /// Fault injection for the crash tests: `BIDA_CRASH_AT=txn-decided`
+    /// aborts the process right after a decision is durable,
+    /// `txn-applied` right after a commit reached its topics.
+    crash_at: Option<String>,
 }
 
 impl Schedule {
@@ -343,15 +347,24 @@ impl Schedule {
                 }
             }
         }
-        for (offset, due) in delayed {
-            if !fired.contains(&offset) {
-                state.timers.push(Reverse((due, offset)));
-            }
-        }
+        let mut timers: Vec<Reverse<(u64, u64)>> = delayed
+            .into_iter()
+            .filter(|(offset, _)| !fired.contains(offset))
+            .map(|(offset, due)| Reverse((due, offset)))
+            .collect();
+        timers.shrink_to_fit();
+        state.timers = BinaryHeap::from(timers);
+        drop(fired);
+        // The scan touched every page; none is needed until it fires.
+        log.release_durable_pages();
         // An undecided transaction found on open is asked about soon, not
         // at once: its producer may be reconnecting right now.
+        // A decided one is finished at once.
         for t in state.txns.values_mut() {
-            t.next_check_ms = t.next_check_ms.max(now + limits.check_after_ms.min(1000));
+            t.next_check_ms = match t.phase {
+                Phase::Decided(_) => now,
+                _ => t.next_check_ms.max(now + limits.check_after_ms.min(1000)),
+            };
         }
         tracing::info!(
             dir = %dir.display(),
@@ -370,6 +383,7 @@ impl Schedule {
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             metrics: ScheduleMetrics::default(),
+            crash_at: std::env::var("BIDA_CRASH_AT").ok(),
         })
     }
 
@@ -622,12 +636,14 @@ impl Schedule {
             let payload = encode_decision(txn_id, state, by);
             let appended = self.append(&[marker(&payload)])?;
             self.log.wait_durable(appended.durable_target())?;
+            self.crash_point("txn-decided");
         }
         let placed = if state == TxnState::Committed {
             self.deliver(broker, halves)?
         } else {
             Vec::new()
         };
+        self.crash_point("txn-applied");
         let payload = encode_done(txn_id);
         self.append(&[marker(&payload)])?;
         Ok(placed)
@@ -647,6 +663,13 @@ impl Schedule {
                     t.next_check_ms = now_ms() + RETRY_MS;
                 }
             }
+        }
+    }
+
+    fn crash_point(&self, name: &str) {
+        if self.crash_at.as_deref() == Some(name) {
+            eprintln!("bida: BIDA_CRASH_AT={name}: aborting");
+            std::process::abort();
         }
     }
 

@@ -455,6 +455,15 @@ impl Log {
         self.inner.delete_segments(doomed)
     }
 
+    /// Lets go of the pages of every durable record: this process's
+    /// mappings and the page cache. For an owner that has just read the
+    /// whole log once (a rebuild on open) and will not read it again soon.
+    pub fn release_durable_pages(&self) {
+        for segment in self.inner.segments().iter() {
+            segment.release_durable_pages();
+        }
+    }
+
     /// The offset of the record stored with `id`, if `id` is still in the
     /// dedup window.
     pub fn lookup_id(&self, id: InnerMsgId) -> Option<u64> {

@@ -399,6 +399,16 @@ impl Segment {
         self.released.fetch_max(target, Ordering::AcqRel);
     }
 
+    /// Drops every durable page of the segment from this process and the
+    /// page cache (after a full scan, e.g. on open); reads fault them back.
+    pub(crate) fn release_durable_pages(&self) {
+        let flushed = self.flushed.load(Ordering::Acquire);
+        let end = flushed - flushed % PAGE_BYTES;
+        if end > 0 {
+            self.release_range(0..end);
+        }
+    }
+
     fn release_range(&self, range: Range<usize>) {
         // Both calls are advice: failure costs memory, never data.
         let _ = self.map.release_pages(range.clone());

@@ -15,13 +15,25 @@ impl BrokerProcess {
     /// Starts `bida serve` on `data` with `extra` flags and waits for its
     /// "listening on" line.
     pub fn start(data: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::start_with(data, "127.0.0.1:0", extra, &[])
+    }
+
+    /// Starts on `listen` (e.g. the address of a broker that was killed,
+    /// so clients reconnect to it) with extra environment variables.
+    pub fn start_with(
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bida"))
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .env("BIDA_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -45,6 +57,37 @@ impl BrokerProcess {
             .parse()
             .expect("an address");
         BrokerProcess { child, addr }
+    }
+
+    /// Waits for the process to exit by itself (a crash hook), at most
+    /// `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.child.try_wait().expect("wait").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Resident memory of the broker process, in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// A `kB` line of `/proc/PID/status` (`VmRSS:`, `RssAnon:`,
+    /// `RssFile:`), in bytes.
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+            * 1024
     }
 
     pub fn kill(&mut self) {
