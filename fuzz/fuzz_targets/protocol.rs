@@ -4,7 +4,7 @@
 #![no_main]
 
 use bida::protocol::body::{self, AckRequest, ProduceReply, TopicDescription, TopicSummary};
-use bida::protocol::frame;
+use bida::protocol::{frame, txn};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
@@ -31,10 +31,22 @@ fuzz_target!(|data: &[u8]| {
         frame::Opcode::DescribeTopic,
         frame::Opcode::Deliver,
         frame::Opcode::ListTopics,
+        frame::Opcode::TxnRegister,
+        frame::Opcode::TxnHalf,
+        frame::Opcode::TxnEnd,
+        frame::Opcode::TxnCheck,
+        frame::Opcode::ProduceDelayed,
     ] {
         let _ = decode_any(op, data);
     }
 });
+
+fn encode_messages(messages: &[bida::log::Message<'_>], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(messages.len() as u32).to_le_bytes());
+    for m in messages {
+        body::encode_produce_message(m.id, m.key, m.headers, m.payload, out);
+    }
+}
 
 /// Decodes `body` as `op`; what decodes must re-encode to the same bytes.
 fn decode_any(op: frame::Opcode, body: &[u8]) -> Option<()> {
@@ -68,6 +80,34 @@ fn decode_any(op: frame::Opcode, body: &[u8]) -> Option<()> {
             let _ = ProduceReply::decode(body);
             return Some(());
         }
+        TxnRegister => txn::encode_register(txn::decode_register(body).ok()?, &mut out),
+        TxnHalf => {
+            let req = txn::decode_half(body).ok()?;
+            txn::encode_half_prefix(
+                req.group,
+                req.txn_id,
+                req.produce.topic,
+                req.produce.partition,
+                &mut out,
+            );
+            encode_messages(&req.produce.messages, &mut out);
+        }
+        ProduceDelayed => {
+            let req = txn::decode_delayed(body).ok()?;
+            txn::encode_delayed_prefix(
+                req.produce.topic,
+                req.produce.partition,
+                req.delay_ms,
+                &mut out,
+            );
+            encode_messages(&req.produce.messages, &mut out);
+        }
+        TxnEnd => {
+            let (id, decision) = txn::decode_end(body).ok()?;
+            txn::encode_end(id, decision, &mut out);
+            let _ = txn::EndReply::decode(body);
+        }
+        TxnCheck => txn::Check::decode(body).ok()?.encode(&mut out),
         _ => return Some(()),
     }
     assert_eq!(out, body, "{op:?} did not round-trip");

@@ -17,7 +17,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use bida::broker::{server, Broker, BrokerConfig};
-use bida::client::{Client, Consumer, ConsumerOptions, Producer, ProducerOptions};
+use bida::client::txn::{Decision, TransactionalProducer};
+use bida::client::{Client, Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
 
 use super::FlushArg;
 
@@ -72,6 +73,11 @@ pub struct Args {
     /// Messages per second per producer (default: as fast as it goes).
     #[arg(long)]
     rate: Option<u64>,
+    /// Send transactions of this many messages instead of plain batches:
+    /// each is begun, its messages stored as halves in one request, and
+    /// committed; --inflight transactions at a time per producer.
+    #[arg(long)]
+    txn: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -110,6 +116,8 @@ struct Report {
     size: usize,
     batch: usize,
     inflight: usize,
+    /// Messages per transaction (`--txn`), if transactions were sent.
+    txn: Option<usize>,
     producers: u32,
     consumers: u32,
     partitions: u32,
@@ -140,8 +148,8 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if args.size < 8 {
         return Err("--size must be at least 8 (the payload carries its send time)".into());
     }
-    if args.batch == 0 || args.inflight == 0 {
-        return Err("--batch and --inflight must be at least 1".into());
+    if args.batch == 0 || args.inflight == 0 || args.txn == Some(0) {
+        return Err("--batch, --inflight and --txn must be at least 1".into());
     }
     if args.producers == 0 && (args.topic.is_none() || args.consumers == 0) {
         return Err("--producers 0 consumes a backlog: it needs --topic and --consumers".into());
@@ -178,8 +186,17 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 fn print_report(r: &Report) {
     println!(
-        "bida bench: {} producers, {} consumers, {} partitions, {} B messages, batch {}, {} in flight, flush {}",
-        r.producers, r.consumers, r.partitions, r.size, r.batch, r.inflight, r.flush
+        "bida bench: {} producers, {} consumers, {} partitions, {} B messages, {}, {} in flight, flush {}",
+        r.producers,
+        r.consumers,
+        r.partitions,
+        r.size,
+        match r.txn {
+            Some(n) => format!("transactions of {n}"),
+            None => format!("batch {}", r.batch),
+        },
+        r.inflight,
+        r.flush
     );
     if r.producers > 0 {
         println!(
@@ -342,7 +359,26 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     let produce_start = Instant::now();
     let deadline = produce_start + Duration::from_secs(args.duration_s);
     let mut producers = Vec::new();
+    for _ in 0..args.producers {
+        let Some(txn) = args.txn else { break };
+        let producer = Arc::new(
+            TransactionalProducer::connect(addr, "bida-bench", |_| Decision::Unknown).await?,
+        );
+        let ctx = TxnRun {
+            produced: produced.clone(),
+            failed: failed.clone(),
+            ack_hist: ack_hist.clone(),
+            progress: progress.clone(),
+        };
+        let (topic, count, size, inflight) = (topic.clone(), args.count, args.size, args.inflight);
+        producers.push(tokio::spawn(run_transactions(
+            producer, ctx, topic, count, txn, size, inflight, deadline,
+        )));
+    }
     for p in 0..args.producers {
+        if args.txn.is_some() {
+            break;
+        }
         let client = Client::connect(addr).await?;
         let options = ProducerOptions {
             inflight_batches_max: args.inflight,
@@ -452,6 +488,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         size: args.size,
         batch: args.batch,
         inflight: args.inflight,
+        txn: args.txn,
         producers: args.producers,
         consumers: args.consumers,
         partitions: args.partitions,
@@ -467,4 +504,73 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         end_to_end_latency: (!e2e.is_empty() && args.producers > 0).then(|| Percentiles::of(&e2e)),
         failed_batches: failed.load(Ordering::Relaxed),
     })
+}
+
+/// What a transaction-sending producer reports into.
+struct TxnRun {
+    produced: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    ack_hist: Arc<Mutex<Histogram<u64>>>,
+    progress: indicatif::ProgressBar,
+}
+
+/// `--txn N`: transactions of `txn` messages, `inflight` at a time; the
+/// ack latency is from begin to the commit's answer.
+#[allow(clippy::too_many_arguments)]
+async fn run_transactions(
+    producer: Arc<TransactionalProducer>,
+    ctx: TxnRun,
+    topic: String,
+    count: u64,
+    txn: usize,
+    size: usize,
+    inflight: usize,
+    deadline: Instant,
+) {
+    let ctx = Arc::new(ctx);
+    let window = Arc::new(Semaphore::new(inflight));
+    let local = Arc::new(Mutex::new(histogram()));
+    let mut sent = 0u64;
+    while sent < count && Instant::now() < deadline {
+        let permit = window.clone().acquire_owned().await.expect("semaphore");
+        let n = (count - sent).min(txn as u64) as usize;
+        let ts = now_ns().to_le_bytes();
+        let messages: Vec<OutgoingMessage> = (0..n)
+            .map(|_| {
+                let mut payload = vec![0u8; size];
+                payload[..8].copy_from_slice(&ts);
+                OutgoingMessage::new(payload)
+            })
+            .collect();
+        let (producer, ctx, local, topic) =
+            (producer.clone(), ctx.clone(), local.clone(), topic.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut t = producer.begin();
+            let r = match t.send_halves(&topic, &messages).await {
+                Ok(()) => t.commit().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            drop(permit);
+            match r {
+                Ok(()) => {
+                    let us = started.elapsed().as_micros() as u64 + 1;
+                    let _ = local.lock().expect("hist").record_n(us, n as u64);
+                    ctx.produced.fetch_add(n as u64, Ordering::Relaxed);
+                    ctx.progress.inc(n as u64);
+                }
+                Err(e) => {
+                    ctx.failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("bida bench: transaction failed: {e}");
+                }
+            }
+        });
+        sent += n as u64;
+    }
+    let _ = window.acquire_many(inflight as u32).await;
+    ctx.ack_hist
+        .lock()
+        .expect("hist")
+        .add(&*local.lock().expect("hist"))
+        .expect("same bounds");
 }

@@ -1037,6 +1037,11 @@ mod tests {
             let _ = ProduceReply::decode(&bytes);
             let _ = Hello::decode(&bytes);
             let _ = super::super::frame::decode_header(&bytes);
+            let _ = super::super::txn::decode_half(&bytes);
+            let _ = super::super::txn::decode_delayed(&bytes);
+            let _ = super::super::txn::decode_end(&bytes);
+            let _ = super::super::txn::EndReply::decode(&bytes);
+            let _ = super::super::txn::Check::decode(&bytes);
         }
     }
 }
