@@ -454,3 +454,55 @@ async fn a_million_delayed_messages_keep_the_broker_small() {
         .await
         .is_empty());
 }
+
+/// A nack with a delay is durable: after a SIGKILL the message is still
+/// not redelivered before its time (and the other messages are unaffected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_delay_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr;
+    let client = Client::connect(addr).await.unwrap();
+    let producer = bida::client::Producer::new(
+        client.clone(),
+        "work",
+        bida::client::ProducerOptions::default(),
+    )
+    .await
+    .unwrap();
+    for p in ["later", "now"] {
+        producer.send(OutgoingMessage::new(p)).await.unwrap();
+    }
+    let c = consumer(&client, "work", "g");
+    let got = c.fetch().await.unwrap();
+    assert_eq!(payloads(&got), vec!["later", "now"]);
+    let nacked_at = Instant::now();
+    assert_eq!(
+        c.nack(&[&got[0]], Some(Duration::from_millis(2500)))
+            .await
+            .unwrap(),
+        1
+    );
+    c.ack(&[&got[1]]).await.unwrap();
+    broker.kill();
+    let broker = restart(dir.path(), addr, &[]);
+    let client = Client::connect(broker.addr).await.unwrap();
+    let c = consumer(&client, "work", "g");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = Vec::new();
+    while again.is_empty() && Instant::now() < deadline {
+        again = c.fetch().await.unwrap();
+        if !again.is_empty() {
+            assert!(
+                nacked_at.elapsed() >= Duration::from_millis(2500),
+                "redelivered {:?} after the nack, before its 2.5 s delay",
+                nacked_at.elapsed()
+            );
+        }
+    }
+    assert_eq!(
+        payloads(&again),
+        vec!["later"],
+        "only the nacked one, once due"
+    );
+}

@@ -19,7 +19,7 @@
 //! entries (acked or redelivered since) are skipped when popped.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use crate::protocol::body::Backoff;
 
@@ -64,6 +64,9 @@ pub struct GroupPartitionState {
     timeouts: VecDeque<(u64, u64, u16)>,
     ready: BinaryHeap<Reverse<(u64, u64)>>,
     in_flight: u32,
+    /// Redeliveries scheduled since the last `take_scheduled`: `(offset,
+    /// due_ms)`, for the broker to persist.
+    scheduled: Vec<(u64, u64)>,
 }
 
 impl GroupPartitionState {
@@ -76,16 +79,20 @@ impl GroupPartitionState {
             timeouts: VecDeque::new(),
             ready: BinaryHeap::new(),
             in_flight: 0,
+            scheduled: Vec::new(),
         }
     }
 
     /// A group restored after a restart: everything below `committed` plus
     /// the offsets in `acked_above` (sorted, all `>= committed`) are acked;
-    /// every other offset below the highest acked one was delivered before
+    /// an offset in `delayed` (not acked) is due for redelivery at its time;
+    /// every other offset below the highest of those was delivered before
     /// the restart and is due for redelivery at once.
-    pub fn restore(committed: u64, acked_above: &[u64]) -> Self {
+    pub fn restore(committed: u64, acked_above: &[u64], delayed: &BTreeMap<u64, u64>) -> Self {
         let mut s = Self::new(committed);
-        if let Some(&last) = acked_above.last() {
+        let last_acked = acked_above.last().copied();
+        let last_delayed = delayed.range(committed..).next_back().map(|(o, _)| *o);
+        if let Some(last) = last_acked.into_iter().chain(last_delayed).max() {
             s.next = last + 1;
             let mut acked = acked_above.iter().peekable();
             for offset in committed..=last {
@@ -93,13 +100,40 @@ impl GroupPartitionState {
                     acked.next();
                     s.slots.push_back(Slot::Acked);
                 } else {
+                    let due = delayed.get(&offset).copied().unwrap_or(0);
                     s.slots.push_back(Slot::Waiting { attempt: 0 });
-                    s.ready.push(Reverse((0, offset)));
+                    s.ready.push(Reverse((due, offset)));
                 }
             }
             s.advance();
         }
         s
+    }
+
+    /// Redeliveries scheduled (by a nack or a timeout) since the last call:
+    /// `(offset, due_ms)`.
+    pub fn take_scheduled(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.scheduled)
+    }
+
+    /// Every redelivery still waiting for its time: `(offset, due_ms)`
+    /// (for snapshots).
+    pub fn pending_redeliveries(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .ready
+            .iter()
+            .filter(|Reverse((_, o))| {
+                *o >= self.committed
+                    && matches!(
+                        self.slots.get((*o - self.committed) as usize),
+                        Some(Slot::Waiting { .. })
+                    )
+            })
+            .map(|Reverse((due, o))| (*o, *due))
+            .collect();
+        out.sort_unstable();
+        out.dedup_by_key(|(o, _)| *o);
+        out
     }
 
     pub fn committed(&self) -> u64 {
@@ -175,6 +209,7 @@ impl GroupPartitionState {
         *slot = Slot::Waiting { attempt };
         let delay = delay_ms.unwrap_or_else(|| policy.backoff.delay_ms(attempt as u32));
         self.ready.push(Reverse((now_ms + delay, offset)));
+        self.scheduled.push((offset, now_ms + delay));
         None
     }
 
@@ -400,7 +435,7 @@ mod tests {
     #[test]
     fn restore_redelivers_unacked() {
         let p = policy();
-        let mut g = GroupPartitionState::restore(5, &[6, 8]);
+        let mut g = GroupPartitionState::restore(5, &[6, 8], &BTreeMap::new());
         assert_eq!((g.committed(), g.next()), (5, 9));
         assert_eq!(g.take_redeliveries(0, 10, &p), vec![(5, 1), (7, 1)]);
         assert!(g.ack(5));
@@ -417,5 +452,27 @@ mod tests {
         assert_eq!((g.committed(), g.next(), g.in_flight()), (2, 3, 1));
         g.skip_to(10);
         assert_eq!((g.committed(), g.next(), g.in_flight()), (10, 10, 0));
+    }
+
+    #[test]
+    fn scheduled_redeliveries_are_reported_and_restored_at_their_time() {
+        let p = policy();
+        let mut g = GroupPartitionState::new(0);
+        g.mark_delivered(3, 0, &p);
+        assert_eq!(g.nack(1, 100, Some(5_000), &p), Some(None));
+        assert_eq!(g.take_scheduled(), vec![(1, 5_100)]);
+        assert!(g.take_scheduled().is_empty(), "drained");
+        assert_eq!(g.pending_redeliveries(), vec![(1, 5_100)]);
+        assert!(g.ack(0));
+        // After a restart: 0 acked, 1 due at 5,100, 2 (delivered, no record
+        // of it) due at once.
+        let delayed = BTreeMap::from([(1, 5_100)]);
+        let mut r = GroupPartitionState::restore(1, &[], &delayed);
+        assert_eq!(r.next(), 2, "the delayed offset is covered");
+        assert!(r.take_redeliveries(5_000, 10, &p).is_empty());
+        assert_eq!(r.take_redeliveries(5_100, 10, &p), vec![(1, 1)]);
+        let mut r = GroupPartitionState::restore(1, &[3], &delayed);
+        assert_eq!(r.take_redeliveries(0, 10, &p), vec![(2, 1)]);
+        assert_eq!(r.pending_redeliveries(), vec![(1, 5_100)]);
     }
 }

@@ -12,6 +12,8 @@
 //!  kind 1 JOIN:     u64 start            (the group starts at this offset)
 //!  kind 2 ACKS:     u32 n, n x (u64 first, u32 count)   (acked ranges)
 //!  kind 3 SNAPSHOT: u64 committed, u32 n, n x (u64 first, u32 count)
+//!  kind 4 DELAYS:   u32 n, n x (u64 offset, u64 due_ms)   redeliveries waiting
+//!                  for their time (a nack delay or the backoff after a timeout)
 //! ```
 //!
 //! Replaying the log in order rebuilds every group's `committed` offset and
@@ -22,7 +24,7 @@
 //! a fresh log and swaps it in (`_groups.tmp` → `_groups`); a crash at any
 //! point of the swap leaves one complete log.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -38,6 +40,7 @@ use crate::protocol::{Put, Reader, WireError};
 const KIND_JOIN: u8 = 1;
 const KIND_ACKS: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+const KIND_DELAYS: u8 = 4;
 /// Most ranges in one entry.
 const RANGES_MAX: usize = 1 << 20;
 /// Most entries appended in one batch.
@@ -51,6 +54,9 @@ pub type GroupKey = (String, u32, String);
 pub struct StoredGroup {
     pub committed: u64,
     pub acked_above: BTreeSet<u64>,
+    /// Redeliveries waiting for their time: offset -> due (ms since the
+    /// epoch). Acked offsets leave it.
+    pub delayed: BTreeMap<u64, u64>,
 }
 
 impl StoredGroup {
@@ -64,6 +70,15 @@ impl StoredGroup {
             self.acked_above.pop_first();
             self.committed += 1;
         }
+        let acked: Vec<u64> = self
+            .delayed
+            .range(first..first.saturating_add(count as u64))
+            .map(|(o, _)| *o)
+            .collect();
+        for o in acked {
+            self.delayed.remove(&o);
+        }
+        self.delayed = self.delayed.split_off(&self.committed);
     }
 }
 
@@ -79,6 +94,10 @@ pub enum Entry {
     Snapshot {
         committed: u64,
         acked_above: Vec<u64>,
+    },
+    /// Redeliveries scheduled by a nack or a timeout: `(offset, due_ms)`.
+    Delays {
+        delays: Vec<(u64, u64)>,
     },
 }
 
@@ -134,6 +153,17 @@ pub fn encode_entry(key: (&str, u32, &str), entry: &Entry) -> Vec<u8> {
             out.put_u64(*committed);
             put_ranges(&mut out, acked_above);
         }
+        Entry::Delays { delays } => {
+            out.put_u8(KIND_DELAYS);
+            out.put_str(topic);
+            out.put_u32(partition);
+            out.put_str(group);
+            out.put_u32(delays.len() as u32);
+            for (offset, due) in delays {
+                out.put_u64(*offset);
+                out.put_u64(*due);
+            }
+        }
     }
     out
 }
@@ -175,6 +205,16 @@ fn apply(state: &mut HashMap<GroupKey, StoredGroup>, payload: &[u8]) -> Result<(
                 g.ack_range(first, count);
             }
             state.insert(key, g);
+        }
+        KIND_DELAYS => {
+            let g = state.entry(key).or_default();
+            let n = r.count("delays", RANGES_MAX, 16)?;
+            for _ in 0..n {
+                let (offset, due) = (r.u64()?, r.u64()?);
+                if offset >= g.committed && !g.acked_above.contains(&offset) {
+                    g.delayed.insert(offset, due);
+                }
+            }
         }
         k => {
             return Err(WireError::Malformed(format!(
@@ -298,12 +338,15 @@ impl GroupStore {
             // groups yet.
             let entries: Vec<(GroupKey, Entry)> = state
                 .iter()
-                .map(|(k, g)| {
-                    let entry = Entry::Snapshot {
+                .flat_map(|(k, g)| {
+                    let snapshot = Entry::Snapshot {
                         committed: g.committed,
                         acked_above: g.acked_above.iter().copied().collect(),
                     };
-                    (k.clone(), entry)
+                    let delays = Entry::Delays {
+                        delays: g.delayed.iter().map(|(o, d)| (*o, *d)).collect(),
+                    };
+                    [(k.clone(), snapshot), (k.clone(), delays)]
                 })
                 .collect();
             log = compact(
@@ -468,6 +511,45 @@ fn compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delays_replay_until_acked_or_snapshotted() {
+        let mut state = HashMap::new();
+        let k = ("t", 0, "g");
+        let key = ("t".to_string(), 0, "g".to_string());
+        for e in [
+            Entry::Join { start: 0 },
+            Entry::Delays {
+                delays: vec![(2, 900), (4, 1200)],
+            },
+            Entry::Acks { offsets: vec![2] },
+        ] {
+            apply(&mut state, &encode_entry(k, &e)).unwrap();
+        }
+        assert_eq!(state[&key].delayed, BTreeMap::from([(4, 1200)]));
+        apply(
+            &mut state,
+            &encode_entry(
+                k,
+                &Entry::Snapshot {
+                    committed: 3,
+                    acked_above: vec![],
+                },
+            ),
+        )
+        .unwrap();
+        assert!(state[&key].delayed.is_empty(), "a snapshot replaces all");
+        // Truncated: an error, never a panic.
+        let bytes = encode_entry(
+            k,
+            &Entry::Delays {
+                delays: vec![(1, 2)],
+            },
+        );
+        for cut in 1..bytes.len() {
+            assert!(apply(&mut HashMap::new(), &bytes[..cut]).is_err());
+        }
+    }
 
     #[test]
     fn replay_rebuilds_positions() {

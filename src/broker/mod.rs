@@ -473,7 +473,7 @@ impl Broker {
             };
             let start = partition.log.start_offset();
             let acked: Vec<u64> = s.acked_above.iter().copied().collect();
-            let mut state = GroupPartitionState::restore(s.committed, &acked);
+            let mut state = GroupPartitionState::restore(s.committed, &acked, &s.delayed);
             state.skip_to(start);
             partition
                 .groups
@@ -749,6 +749,7 @@ impl Broker {
             }
             let p = &topic.partitions[index as usize];
             let mut joined = None;
+            let scheduled;
             let dead = {
                 let now = now_ms();
                 let mut groups = p.groups.lock().expect("groups lock");
@@ -764,6 +765,7 @@ impl Broker {
                 };
                 state.skip_to(p.log.start_offset());
                 let dead = state.expire(now, &policy);
+                scheduled = state.take_scheduled();
                 let budget = |count: u32, out: &Vec<u8>| {
                     (
                         (max_messages - count) as usize,
@@ -820,6 +822,13 @@ impl Broker {
             // takes group locks when it compacts, and its queue may be full.
             if let (Some(start), Some(store)) = (joined, self.groups().as_ref()) {
                 store.write_nowait((&topic.name, index, group), &Entry::Join { start });
+            }
+            // Backoffs after timeouts, kept across a restart.
+            if let (false, Some(store)) = (scheduled.is_empty(), self.groups().as_ref()) {
+                store.write_nowait(
+                    (&topic.name, index, group),
+                    &Entry::Delays { delays: scheduled },
+                );
             }
             if !dead.is_empty() {
                 self.dead_letter(topic, p, group, dead).await?;
@@ -951,6 +960,7 @@ impl Broker {
             let p = topic.partitions[index as usize].clone();
             let mut acked = Vec::new();
             let mut dead = Vec::new();
+            let scheduled;
             {
                 let mut groups = p.groups.lock().expect("groups lock");
                 let Some(state) = groups.get_mut(&req.group) else {
@@ -969,6 +979,17 @@ impl Broker {
                         effective += 1;
                         acked.push(o);
                     }
+                }
+                scheduled = state.take_scheduled();
+            }
+            // A nack's delay survives a restart: answered once durable,
+            // like an ack.
+            if !scheduled.is_empty() {
+                if let Some(s) = self.groups().as_ref() {
+                    waits.push(s.write(
+                        (&topic.name, index, &req.group),
+                        &Entry::Delays { delays: scheduled },
+                    ));
                 }
             }
             if !acked.is_empty() {
@@ -1076,13 +1097,18 @@ fn snapshot_groups(topics: &Topics) -> Vec<(GroupKey, Entry)> {
     for t in topics {
         for p in &t.partitions {
             for (g, s) in p.groups.lock().expect("groups lock").iter() {
+                let key = (t.name.clone(), p.index, g.clone());
                 out.push((
-                    (t.name.clone(), p.index, g.clone()),
+                    key.clone(),
                     Entry::Snapshot {
                         committed: s.committed(),
                         acked_above: s.acked_above(),
                     },
                 ));
+                let delays = s.pending_redeliveries();
+                if !delays.is_empty() {
+                    out.push((key, Entry::Delays { delays }));
+                }
             }
         }
     }
