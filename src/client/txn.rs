@@ -348,6 +348,13 @@ impl Transaction<'_> {
     /// commit when it restarts (never half of it). Returns where each
     /// landed.
     pub async fn commit(self) -> Result<EndReply, ClientError> {
+        if self.halves == 0 {
+            // Nothing stored, nothing to make visible.
+            return Ok(EndReply {
+                state: TxnState::Committed,
+                placed: Vec::new(),
+            });
+        }
         self.producer.end(self.id, Decision::Commit).await
     }
 
