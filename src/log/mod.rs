@@ -1109,6 +1109,9 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
     dedup
 }
 
+/// Tries of the directory lock, 10 ms apart, before `Locked`.
+const LOCK_RETRIES: u32 = 50;
+
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     let mut file = File::options()
@@ -1118,7 +1121,22 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(StorageError::io(&path))?;
-    match file.try_lock() {
+    // A lock can be held for a moment by a process that is not its owner:
+    // a child forked by any thread of this process shares the descriptor
+    // until it execs (CLOEXEC), so a log closed and reopened while another
+    // thread spawns a process can find its own old lock. Retry briefly
+    // before calling the directory taken.
+    let mut attempt = 0;
+    let locked = loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if attempt < LOCK_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    match locked {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
