@@ -63,7 +63,7 @@ start() { # target durability -> sets server, addr
   local dir; dir="$(mktemp -d -p "$work")"
   case "$1" in
     bida)
-      BIDA_LOG=warn "$bida" serve --data "$dir/d" --listen 127.0.0.1:17801 --flush "$2" > /dev/null &
+      BIDA_LOG=warn "$bida" serve --admin-listen off --data "$dir/d" --listen 127.0.0.1:17801 --flush "$2" > /dev/null &
       server=$!; addr=127.0.0.1:17801; wait_port 17801 ;;
     nats)
       local sync=""; [ "$2" = sync ] && sync="sync_interval: always"

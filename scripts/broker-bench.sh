@@ -13,7 +13,7 @@ port=17979
 
 start_broker() { # flush
   dir="$(mktemp -d -p "$base" bida-bb.XXXXXX)"
-  BIDA_LOG=warn "$bin" serve --data "$dir" --listen "127.0.0.1:$port" --flush "$1" > /dev/null &
+  BIDA_LOG=warn "$bin" serve --admin-listen off --data "$dir" --listen "127.0.0.1:$port" --flush "$1" > /dev/null &
   broker=$!
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && return; sleep 0.1; done
   echo "broker did not start" >&2; exit 1

@@ -14,7 +14,7 @@ port=17981
 
 start_broker() {
   dir="$(mktemp -d -p "$base" bida-tb.XXXXXX)"
-  BIDA_LOG=warn "$bin" serve --data "$dir" --listen "127.0.0.1:$port" --flush sync > /dev/null &
+  BIDA_LOG=warn "$bin" serve --admin-listen off --data "$dir" --listen "127.0.0.1:$port" --flush sync > /dev/null &
   broker=$!
   for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && return; sleep 0.1; done
   echo "broker did not start" >&2; exit 1

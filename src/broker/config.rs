@@ -12,6 +12,8 @@ use crate::protocol::body::{Backoff, PARTITIONS_MAX};
 
 /// The port `bida serve` listens on by default.
 pub const DEFAULT_PORT: u16 = 7878;
+/// The admin HTTP listener's default port.
+pub const DEFAULT_ADMIN_PORT: u16 = 7879;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -19,6 +21,9 @@ pub struct BrokerConfig {
     pub data_dir: PathBuf,
     /// Default: `127.0.0.1:7878`.
     pub listen: SocketAddr,
+    /// The admin HTTP listener (`/metrics`); `None` turns it off.
+    /// Default: `127.0.0.1:7879`.
+    pub admin_listen: Option<SocketAddr>,
     /// Default: `FlushMode::Sync` (a produce is acked once durable).
     pub flush: FlushMode,
     /// How partitions write (see `log::WritePath`). Default: `Pwrite`, in
@@ -86,6 +91,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             data_dir: PathBuf::from("./bida-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
             flush: FlushMode::Sync,
             write_path: WritePath::Pwrite,
             segment_bytes: 256 << 20,
@@ -182,6 +188,9 @@ impl BrokerConfig {
             txn_open_max,
             delayed_max
         );
+        if let Some(v) = f.admin_listen {
+            self.admin_listen = parse_admin_listen(&v)?;
+        }
         if let Some(v) = f.retention_ms {
             self.retention_ms = (v > 0).then_some(v);
         }
@@ -232,6 +241,16 @@ pub fn parse_flush(
     }
 }
 
+/// An address, or `off`.
+pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("admin_listen must be an address or \"off\", got {s:?}: {e}"))
+}
+
 /// `auto`, `pwrite` or `mmap`.
 pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
     match s {
@@ -244,12 +263,46 @@ pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
     }
 }
 
+/// Every top-level key of the config file (docs/bida.example.toml shows
+/// each with its default).
+#[cfg(test)]
+const FILE_KEYS: &[&str] = &[
+    "write_path",
+    "data_dir",
+    "listen",
+    "admin_listen",
+    "flush",
+    "flush_interval_ms",
+    "flush_bytes",
+    "segment_bytes",
+    "record_bytes_max",
+    "dedup_window_ids",
+    "dedup_window_ms",
+    "retention_ms",
+    "retention_bytes",
+    "default_partitions",
+    "auto_create_topics",
+    "ack_timeout_ms",
+    "max_deliveries",
+    "unacked_max",
+    "max_connections",
+    "inflight_max",
+    "idle_timeout_ms",
+    "groups_compact_bytes",
+    "txn_check_after_ms",
+    "txn_check_interval_ms",
+    "txn_check_max",
+    "txn_open_max",
+    "delayed_max",
+];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     write_path: Option<String>,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    admin_listen: Option<String>,
     flush: Option<String>,
     flush_interval_ms: Option<u64>,
     flush_bytes: Option<u64>,
@@ -288,6 +341,38 @@ struct FileBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_example_file_states_every_default() {
+        let mut c = BrokerConfig::default();
+        c.apply_file(include_str!("../../docs/bida.example.toml"))
+            .unwrap();
+        assert_eq!(c, BrokerConfig::default());
+        // And it names every key the file accepts.
+        let example = include_str!("../../docs/bida.example.toml");
+        for key in FILE_KEYS {
+            assert!(
+                example.lines().any(|l| l.starts_with(&format!("{key} ="))),
+                "docs/bida.example.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = BrokerConfig::default()
+            .apply_file("max_deliveries = \"many\"")
+            .unwrap_err();
+        assert!(err.contains("max_deliveries"), "{err}");
+        let err = BrokerConfig::default()
+            .apply_file("colour = 1")
+            .unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let err = BrokerConfig::default()
+            .apply_file("admin_listen = \"nowhere\"")
+            .unwrap_err();
+        assert!(err.contains("admin_listen"), "{err}");
+    }
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {

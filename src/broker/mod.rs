@@ -13,9 +13,11 @@
 //!                                  (schedule.rs)
 //! ```
 
+pub mod admin;
 pub mod config;
 pub mod group;
 pub mod group_store;
+pub mod metrics;
 pub mod schedule;
 pub mod server;
 
@@ -34,6 +36,7 @@ use tokio::sync::{oneshot, Notify};
 pub use config::BrokerConfig;
 use group::{DeadLetter, GroupPartitionState, Policy};
 use group_store::{Collector, Entry, GroupKey, GroupStore, StoredGroup};
+use metrics::BrokerMetrics;
 use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
@@ -304,6 +307,7 @@ pub struct Broker {
     topics: Topics,
     groups: Mutex<Option<GroupStore>>,
     schedule: Arc<Schedule>,
+    metrics: Arc<BrokerMetrics>,
     create_lock: Mutex<()>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
@@ -347,6 +351,7 @@ impl Broker {
             topics,
             groups: Mutex::new(Some(store)),
             schedule,
+            metrics: Arc::default(),
             create_lock: Mutex::new(()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
@@ -378,6 +383,11 @@ impl Broker {
     /// Delayed messages and transactions.
     pub fn schedule(&self) -> &Arc<Schedule> {
         &self.schedule
+    }
+
+    /// Counters and latency histograms (see `metrics.rs`).
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.metrics
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -443,6 +453,8 @@ impl Broker {
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for index in 0..meta.partitions {
             let log = Arc::new(Log::open(dir.join(index.to_string()), self.log_options())?);
+            let metrics = Arc::clone(&self.metrics);
+            log.observe_flushes(Arc::new(move |d| metrics.flushed(d)));
             let report = log.recovery_report();
             tracing::debug!(topic = name, partition = index, ?report, "partition open");
             let waiter = DurabilityWaiter::start(log.clone(), format!("bida-sync-{index}"))
@@ -644,6 +656,16 @@ impl Broker {
             e => BrokerError::Storage(e),
         })?;
         topic.appended.notify_waiters();
+        let (mut stored, mut bytes) = (0u64, 0u64);
+        for (m, o) in req.messages.iter().zip(&appended.outcomes) {
+            if !o.duplicate {
+                stored += 1;
+                bytes += m.payload.len() as u64;
+            }
+        }
+        let duplicates = req.messages.len() as u64 - stored;
+        self.metrics
+            .produced(&topic.name, stored, bytes, duplicates);
         Ok((partition, appended))
     }
 
@@ -743,6 +765,7 @@ impl Broker {
         let policy = topic.policy(self.config.unacked_max);
         let start_len = out.len();
         let mut count = 0u32;
+        let (mut redelivered, mut delivered_bytes) = (0u64, 0u64);
         for index in indexes {
             if count >= max_messages || out.len() - start_len >= max_bytes as usize {
                 break;
@@ -778,6 +801,8 @@ impl Broker {
                     let first = batch.iter().next();
                     if let Some(record) = first {
                         let r = record?;
+                        redelivered += 1;
+                        delivered_bytes += r.payload.len() as u64;
                         encode_delivery(
                             out,
                             index,
@@ -800,6 +825,7 @@ impl Broker {
                     let mut delivered = 0u64;
                     for record in batch.iter() {
                         let r = record?;
+                        delivered_bytes += r.payload.len() as u64;
                         encode_delivery(
                             out,
                             index,
@@ -833,6 +859,10 @@ impl Broker {
             if !dead.is_empty() {
                 self.dead_letter(topic, p, group, dead).await?;
             }
+        }
+        if count > 0 {
+            self.metrics
+                .delivered(&topic.name, count as u64, delivered_bytes, redelivered);
         }
         Ok(count)
     }
@@ -921,6 +951,7 @@ impl Broker {
         if self.config.flush == FlushMode::Sync {
             dp.durable(appended.durable_target()).await?;
         }
+        self.metrics.dead_lettered(&topic.name, owned.len() as u64);
         let offsets: Vec<u64> = owned.iter().map(|o| o.4).collect();
         {
             let mut groups = p.groups.lock().expect("groups lock");

@@ -163,6 +163,8 @@ async fn connection(
 ) {
     let peer = stream.peer_addr().ok();
     let config = broker.config().clone();
+    broker.metrics().connection_opened();
+    let metrics_broker = broker.clone();
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Bytes>(config.inflight_max as usize + 16);
     let writer = tokio::spawn(crate::net::write_frames(wr, rx));
@@ -239,6 +241,7 @@ async fn connection(
     .await;
     drop(conn);
     let _ = writer.await;
+    metrics_broker.metrics().connection_closed();
 }
 
 /// An error that closes the connection.
@@ -332,6 +335,7 @@ async fn dispatch(
             .await;
         }
         Opcode::Produce => {
+            let arrived = std::time::Instant::now();
             let req = body::decode_produce(&body)?;
             match broker.produce(&req) {
                 Err(e) => conn.send(broker_error(&h, &e)).await,
@@ -356,11 +360,13 @@ async fn dispatch(
                                 Ok(()) => reply(&appended),
                                 Err(e) => broker_error(&h, &e),
                             };
+                            conn.broker.metrics().produce_acked(arrived.elapsed());
                             conn.send(frame).await;
                             drop(permit);
                         });
                         return Ok(());
                     }
+                    broker.metrics().produce_acked(arrived.elapsed());
                     conn.send(reply(&appended)).await;
                 }
             }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bida::broker::config::parse_flush;
-use bida::broker::{server, Broker, BrokerConfig};
+use bida::broker::{admin, server, Broker, BrokerConfig};
 
 use super::FlushArg;
 
@@ -21,6 +21,10 @@ pub struct Args {
     /// [default: 127.0.0.1:7878]
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Admin HTTP listener (`/metrics`), or `off`; port 0 picks a free
+    /// port, printed at start [default: 127.0.0.1:7879]
+    #[arg(long)]
+    pub admin_listen: Option<String>,
     /// When a produce is acked: sync = once durable, async = at once,
     /// flushed in the background [default: sync]
     #[arg(long, value_enum)]
@@ -94,6 +98,9 @@ impl Args {
         if let Some(v) = self.listen {
             c.listen = v;
         }
+        if let Some(v) = &self.admin_listen {
+            c.admin_listen = bida::broker::config::parse_admin_listen(v)?;
+        }
         if let Some(f) = self.flush {
             let mode = match f {
                 FlushArg::Sync => "sync",
@@ -161,9 +168,26 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
         // Tests and scripts read this line to learn the port.
         println!("bida: listening on {addr}");
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = match config.admin_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("admin listener on {a}: {e}"))?;
+                println!("bida: admin on http://{}", l.local_addr()?);
+                Some(tokio::spawn(admin::serve(broker.clone(), l, async {
+                    let _ = admin_stopped.await;
+                })))
+            }
+            None => None,
+        };
         use std::io::Write;
         std::io::stdout().flush()?;
         server::serve(broker.clone(), listener, shutdown_signal()).await;
+        let _ = admin_stop.send(());
+        if let Some(a) = admin {
+            let _ = a.await;
+        }
         tracing::info!("stopping: flushing every log");
         let broker = Arc::clone(&broker);
         tokio::task::block_in_place(|| broker.close())?;

@@ -80,6 +80,9 @@ impl Appended {
     }
 }
 
+/// Receives the duration of each flush (see [`Log::observe_flushes`]).
+pub type FlushObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 /// A decoded record whose parts are zero-copy views of the segment map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -195,6 +198,8 @@ struct Inner {
     options: Options,
     /// Held for the life of the log: the exclusive directory lock.
     _lock: File,
+    /// Told how long each flush of the active segment took (metrics).
+    flush_observer: std::sync::OnceLock<FlushObserver>,
     writer: Mutex<Writer>,
     /// Sealed segments in offset order, then the active one.
     segments: RwLock<Vec<Arc<Segment>>>,
@@ -279,6 +284,7 @@ impl Log {
             dir,
             options,
             _lock: lock,
+            flush_observer: std::sync::OnceLock::new(),
             writer: Mutex::new(Writer {
                 active,
                 map,
@@ -438,6 +444,12 @@ impl Log {
     /// background thread also does this periodically).
     pub fn apply_retention(&self) -> Result<RetentionReport> {
         self.inner.apply_retention(now_ms())
+    }
+
+    /// Calls `observe` with the duration of every flush (fsync) of the
+    /// active segment from now on. Only the first observer set is kept.
+    pub fn observe_flushes(&self, observe: FlushObserver) {
+        let _ = self.inner.flush_observer.set(observe);
     }
 
     /// Deletes every sealed segment whose records all lie below `offset`
@@ -703,7 +715,11 @@ impl Inner {
             (Arc::clone(&w.active), w.map.cursor(), w.next_offset)
         };
         let appended = self.appended_bytes.load(Ordering::Acquire);
+        let started = std::time::Instant::now();
         segment.flush_to(end)?;
+        if let Some(observe) = self.flush_observer.get() {
+            observe(started.elapsed());
+        }
         self.flushed_bytes.fetch_max(appended, Ordering::AcqRel);
         if let Some(hot) = self.options.page_cache_hot_bytes {
             segment.release_cold_pages(hot, RELEASE_STEP_BYTES);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The admin HTTP listener (`/metrics`).
+    pub admin: SocketAddr,
 }
 
 impl BrokerProcess {
@@ -30,7 +32,7 @@ impl BrokerProcess {
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .args(["--listen", listen])
+            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .args(extra)
             .env("BIDA_LOG", "warn")
             .envs(env.iter().copied())
@@ -42,8 +44,10 @@ impl BrokerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            for _ in 0..2 {
+                if let Some(Ok(line)) = lines.next() {
+                    let _ = tx.send(line);
+                }
             }
             // Keep draining so the broker never blocks on a full pipe.
             for _ in lines {}
@@ -56,7 +60,15 @@ impl BrokerProcess {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("an address");
-        BrokerProcess { child, addr }
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the broker printed its admin address");
+        let admin = line
+            .strip_prefix("bida: admin on http://")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .parse()
+            .expect("an address");
+        BrokerProcess { child, addr, admin }
     }
 
     /// Waits for the process to exit by itself (a crash hook), at most
