@@ -8,6 +8,7 @@ mod produce;
 mod read;
 mod serve;
 mod topics;
+mod torture;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ enum Command {
     Append(append::Args),
     /// Print records of a log.
     Read(read::Args),
+    /// SIGKILL a broker at random moments under load and check that no
+    /// acked message is lost or stored twice.
+    Torture(torture::Args),
 }
 
 /// How appends are acknowledged.
@@ -159,5 +163,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Inspect(args) => inspect::run(args),
         Command::Append(args) => append::run(args),
         Command::Read(args) => read::run(args),
+        Command::Torture(args) => torture::run(args),
     }
 }
