@@ -134,3 +134,207 @@ async fn metrics_count_what_happened() {
     let (head, _) = get(broker.admin, "/nothing-here").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_api_shows_redrives_and_purges_dead_letters() {
+    use support::admin::{json, poison};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let client = Client::connect(broker.addr).await.unwrap();
+    poison(&client, "orders", b"order 42: bad").await;
+
+    let (status, o) = json(broker.admin, "GET", "/api/overview", None).await;
+    assert_eq!(status, 200, "{o}");
+    let topics = o["topics"].as_array().unwrap();
+    let orders = topics
+        .iter()
+        .find(|t| t["name"] == "orders")
+        .expect("orders");
+    assert_eq!(orders["messages"], 1);
+    assert_eq!(orders["produced_messages"], 1);
+    assert_eq!(orders["dead_lettered"], 1);
+    let dlq = topics
+        .iter()
+        .find(|t| t["name"] == "orders.dlq")
+        .expect("the DLQ");
+    assert_eq!(dlq["dead_letter"], true);
+    assert_eq!(dlq["messages"], 1);
+    let g = o["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["topic"] == "orders" && g["group"] == "workers")
+        .expect("the group");
+    assert_eq!(
+        (g["lag"].as_u64(), g["in_flight"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // The dead letter, with its headers.
+    let (status, b) = json(
+        broker.admin,
+        "GET",
+        "/api/topics/orders.dlq/messages?partition=0&from=0",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{b}");
+    let m = &b["messages"][0];
+    assert_eq!(m["payload"], "order 42: bad");
+    let header = |name: &str| {
+        m["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .map(|h| h["value"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(header("bida-original-topic").as_deref(), Some("orders"));
+    assert_eq!(header("bida-attempts").as_deref(), Some("1"));
+    assert_eq!(header("kind").as_deref(), Some("order"));
+
+    // Re-drive: back in orders at the next offset; a second click stores nothing.
+    let path = "/api/topics/orders.dlq/messages/0/0/redrive";
+    let (status, r) = json(broker.admin, "POST", path, None).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (
+            r["topic"].as_str(),
+            r["offset"].as_u64(),
+            r["duplicate"].as_bool()
+        ),
+        (Some("orders"), Some(1), Some(false))
+    );
+    let (_, r) = json(broker.admin, "POST", path, None).await;
+    assert_eq!(
+        (r["offset"].as_u64(), r["duplicate"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let workers = Consumer::new(
+        client.clone(),
+        "orders",
+        "workers",
+        ConsumerOptions {
+            max_wait: Duration::from_millis(200),
+            ..ConsumerOptions::default()
+        },
+    );
+    let got = workers.fetch().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].payload[..], b"order 42: bad");
+    let names: Vec<Vec<u8>> = bida::log::record::HeaderIter::new(&got[0].headers)
+        .map(|h| h.unwrap().0.to_vec())
+        .collect();
+    assert_eq!(
+        names,
+        vec![b"kind".to_vec()],
+        "dead-letter headers are dropped"
+    );
+    workers.ack(&got.iter().collect::<Vec<_>>()).await.unwrap();
+
+    // Only dead-letter topics can be re-driven from or purged.
+    let (status, e) = json(broker.admin, "POST", "/api/topics/orders/purge", None).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a dead-letter topic"));
+    let (status, _) = json(broker.admin, "POST", "/api/topics/nope.dlq/purge", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = json(
+        broker.admin,
+        "POST",
+        "/api/topics/orders.dlq/messages/0/9/redrive",
+        None,
+    )
+    .await;
+    assert!(status == 400 || status == 500, "{status}");
+
+    let (status, p) = json(broker.admin, "POST", "/api/topics/orders.dlq/purge", None).await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["messages"], 1);
+    let (_, b) = json(broker.admin, "GET", "/api/topics/orders.dlq/messages", None).await;
+    assert_eq!(b["messages"].as_array().unwrap().len(), 0);
+    assert_eq!((b["start"].as_u64(), b["end"].as_u64()), (Some(1), Some(1)));
+    // The purge holds across a restart.
+    drop(broker);
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let (_, b) = json(broker.admin, "GET", "/api/topics/orders.dlq/messages", None).await;
+    assert_eq!(
+        (b["start"].as_u64(), b["messages"].as_array().map(Vec::len)),
+        (Some(1), Some(0))
+    );
+    // The page itself is served, with no external resources.
+    let (status, page) = support::admin::http(broker.admin, "GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>bida console</title>"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no CDN"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_protocol_and_the_admin_listener() {
+    use bida::client::Connection;
+    use bida::protocol::ErrorCode;
+    use support::admin::http;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--auth-token", "s3cret"]);
+
+    // No token, a wrong one: an error, and the connection is closed.
+    for token in [None, Some("guess")] {
+        let e = Client::connect_with_token(broker.addr, token)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(e.code(), Some(ErrorCode::Unauthorized), "{e}");
+    }
+    // A request before HELLO is refused too.
+    let mut s = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let frame = bida::protocol::frame::encode(Opcode::ListTopics, 0, 7, &[]);
+    s.write_all(&frame).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the broker closes the connection")
+        .unwrap();
+    assert!(answer.len() > 22, "an error frame");
+    assert_eq!(
+        u16::from_le_bytes([answer[20], answer[21]]),
+        ErrorCode::Unauthorized as u16
+    );
+    // The right token works, and reconnections present it again.
+    let c = Client::connect_with_token(broker.addr, Some("s3cret"))
+        .await
+        .unwrap();
+    c.create_topic("t", 1, false, Default::default())
+        .await
+        .unwrap();
+    let conn = Connection::connect_with_token(broker.addr, Some("s3cret"))
+        .await
+        .unwrap();
+    assert!(conn.server.starts_with("bida"));
+
+    // The admin listener: the page is public, everything else needs the token.
+    assert_eq!(http(broker.admin, "GET", "/", None).await.0, 200);
+    for path in ["/api/overview", "/metrics", "/api/topics/t/messages"] {
+        assert_eq!(http(broker.admin, "GET", path, None).await.0, 401, "{path}");
+        assert_eq!(
+            http(broker.admin, "GET", path, Some("guess")).await.0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            http(broker.admin, "GET", path, Some("s3cret")).await.0,
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        http(broker.admin, "POST", "/api/topics/t.dlq/purge", None)
+            .await
+            .0,
+        401
+    );
+}

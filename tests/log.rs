@@ -685,3 +685,34 @@ fn damaged_offset_in_a_sealed_segment_is_reported_on_read() {
         .unwrap()
         .is_damaged());
 }
+
+#[test]
+fn purge_deletes_every_record_and_offsets_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), options()).unwrap();
+    append_one_by_one(&log, 300, 400);
+    assert!(log.segments().len() > 1, "the test wants several segments");
+    let report = log.purge().unwrap();
+    assert_eq!(log.start_offset(), 300);
+    assert_eq!(log.next_offset(), 300);
+    assert!(report.bytes_deleted >= 300 * 400);
+    assert_eq!(log.segments().len(), 1, "one empty active segment");
+    assert!(log.read(299, 1, 1000).is_err(), "purged records are gone");
+    let p = payload(7, 10);
+    let a = log
+        .append(&[Message {
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap();
+    assert_eq!(a.outcomes[0].offset, 300);
+    log.purge().unwrap();
+    assert_eq!((log.start_offset(), log.next_offset()), (301, 301));
+    // Purging an empty log changes nothing; a reopen agrees.
+    log.purge().unwrap();
+    assert_eq!((log.start_offset(), log.next_offset()), (301, 301));
+    log.close().unwrap();
+    let log = Log::open(dir.path(), options()).unwrap();
+    assert_eq!((log.start_offset(), log.next_offset()), (301, 301));
+    assert_eq!(log.read(301, 10, 1 << 20).unwrap().records, 0);
+}

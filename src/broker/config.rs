@@ -24,6 +24,11 @@ pub struct BrokerConfig {
     /// The admin HTTP listener (`/metrics`); `None` turns it off.
     /// Default: `127.0.0.1:7879`.
     pub admin_listen: Option<SocketAddr>,
+    /// When set, every client connection must present it in HELLO, and
+    /// every admin request (console, JSON API, `/metrics`) as
+    /// `Authorization: Bearer TOKEN`. Default: none (anyone who can reach
+    /// the listeners may use them; both listen on 127.0.0.1 by default).
+    pub auth_token: Option<String>,
     /// Default: `FlushMode::Sync` (a produce is acked once durable).
     pub flush: FlushMode,
     /// How partitions write (see `log::WritePath`). Default: `Pwrite`, in
@@ -92,6 +97,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./bida-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
+            auth_token: None,
             flush: FlushMode::Sync,
             write_path: WritePath::Pwrite,
             segment_bytes: 256 << 20,
@@ -133,6 +139,9 @@ impl BrokerConfig {
         }
         if self.ack_timeout_ms == 0 {
             return Err("ack_timeout_ms must be at least 1".into());
+        }
+        if let Some(t) = &self.auth_token {
+            check_token(t)?;
         }
         if self.unacked_max == 0 || self.unacked_max > u32::MAX as u64 {
             return Err("unacked_max must be 1..=4294967295".into());
@@ -188,6 +197,9 @@ impl BrokerConfig {
             txn_open_max,
             delayed_max
         );
+        if let Some(v) = f.auth_token {
+            self.auth_token = (!v.is_empty()).then_some(v);
+        }
         if let Some(v) = f.admin_listen {
             self.admin_listen = parse_admin_listen(&v)?;
         }
@@ -241,6 +253,25 @@ pub fn parse_flush(
     }
 }
 
+/// Longest access token.
+pub const TOKEN_BYTES_MAX: usize = 256;
+
+/// A token is 1..=256 visible ASCII characters (it travels in an HTTP
+/// header and in HELLO).
+pub fn check_token(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > TOKEN_BYTES_MAX || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "auth_token must be 1 to {TOKEN_BYTES_MAX} visible ASCII characters (no spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// Compares two secrets without stopping at the first difference.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// An address, or `off`.
 pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     if s == "off" {
@@ -271,6 +302,7 @@ const FILE_KEYS: &[&str] = &[
     "data_dir",
     "listen",
     "admin_listen",
+    "auth_token",
     "flush",
     "flush_interval_ms",
     "flush_bytes",
@@ -303,6 +335,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     admin_listen: Option<String>,
+    auth_token: Option<String>,
     flush: Option<String>,
     flush_interval_ms: Option<u64>,
     flush_bytes: Option<u64>,
@@ -372,6 +405,13 @@ mod tests {
             .apply_file("admin_listen = \"nowhere\"")
             .unwrap_err();
         assert!(err.contains("admin_listen"), "{err}");
+        let err = BrokerConfig::default()
+            .apply_file("auth_token = \"two words\"")
+            .unwrap_err();
+        assert!(err.contains("auth_token"), "{err}");
+        let mut c = BrokerConfig::default();
+        c.apply_file("auth_token = \"s3cret\"").unwrap();
+        assert_eq!(c.auth_token.as_deref(), Some("s3cret"));
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct GroupPartitionState {
     /// Redeliveries scheduled since the last `take_scheduled`: `(offset,
     /// due_ms)`, for the broker to persist.
     scheduled: Vec<(u64, u64)>,
+    /// Redeliveries handed out since the broker started.
+    redelivered: u64,
 }
 
 impl GroupPartitionState {
@@ -80,6 +82,7 @@ impl GroupPartitionState {
             ready: BinaryHeap::new(),
             in_flight: 0,
             scheduled: Vec::new(),
+            redelivered: 0,
         }
     }
 
@@ -142,6 +145,12 @@ impl GroupPartitionState {
     pub fn next(&self) -> u64 {
         self.next
     }
+    /// Redeliveries handed out since the broker started (not kept across
+    /// a restart).
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight
     }
@@ -240,6 +249,7 @@ impl GroupPartitionState {
                     };
                     self.timeouts.push_back((deadline_ms, offset, attempt));
                     self.in_flight += 1;
+                    self.redelivered += 1;
                     out.push((offset, attempt));
                 }
             }
@@ -416,6 +426,7 @@ mod tests {
         assert!(g.ack(0), "late ack of a timed-out delivery");
         assert_eq!(g.take_redeliveries(1_000, 10, &p), vec![(1, 2)]);
         assert_eq!(g.committed(), 1);
+        assert_eq!(g.redelivered(), 1, "only offset 1 went out again");
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub struct BrokerMetrics {
     fsync_seconds: Histogram,
     connections: AtomicI64,
     connections_total: AtomicU64,
+    started: std::time::Instant,
+}
+
+/// One topic's counters since the broker started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicCounts {
+    pub produced_messages: u64,
+    pub produced_bytes: u64,
+    pub consumed_messages: u64,
+    pub consumed_bytes: u64,
+    pub dedup_hits: u64,
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -61,6 +74,7 @@ impl Default for BrokerMetrics {
             fsync_seconds: latency_histogram(),
             connections: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -111,6 +125,25 @@ impl BrokerMetrics {
 
     pub fn connections(&self) -> i64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// A topic's counters (zero for one never seen).
+    pub fn topic_counts(&self, topic: &str) -> TopicCounts {
+        let l = topic_label(topic);
+        let get = |f: &Family<Labels, Counter>| f.get_or_create(&l).get();
+        TopicCounts {
+            produced_messages: get(&self.produced_messages),
+            produced_bytes: get(&self.produced_bytes),
+            consumed_messages: get(&self.consumed_messages),
+            consumed_bytes: get(&self.consumed_bytes),
+            dedup_hits: get(&self.duplicates),
+            redeliveries: get(&self.redeliveries),
+            dead_lettered: get(&self.dead_lettered),
+        }
     }
 }
 
@@ -203,6 +236,12 @@ pub fn render(broker: &Broker) -> String {
         "group_committed_offset",
         "Every offset below is acked by the group",
     );
+    let group_redeliveries = Family::<Labels, Counter>::default();
+    r.register(
+        "group_redeliveries",
+        "Redeliveries to the group since the broker started",
+        group_redeliveries.clone(),
+    );
     let end = gauge_family(
         &mut r,
         "partition_end_offset",
@@ -255,6 +294,13 @@ pub fn render(broker: &Broker) -> String {
                 set(&lag, &gl, next.saturating_sub(state.committed()));
                 set(&in_flight, &gl, state.in_flight() as u64);
                 set(&committed, &gl, state.committed());
+                let gl: Labels = gl
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect();
+                group_redeliveries
+                    .get_or_create(&gl)
+                    .inc_by(state.redelivered());
             }
         }
         if topic.name.ends_with(DLQ_SUFFIX) {

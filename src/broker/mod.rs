@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dlq;
 pub mod group;
 pub mod group_store;
 pub mod metrics;

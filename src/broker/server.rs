@@ -137,6 +137,8 @@ struct Conn {
     inflight: Arc<Semaphore>,
     inflight_max: u32,
     subs: Mutex<HashMap<u64, Arc<Subscription>>>,
+    /// HELLO presented the broker's token (always true without one).
+    authorized: AtomicBool,
 }
 
 impl Conn {
@@ -174,6 +176,7 @@ async fn connection(
         inflight: Arc::new(Semaphore::new(config.inflight_max as usize)),
         inflight_max: config.inflight_max,
         subs: Mutex::new(HashMap::new()),
+        authorized: AtomicBool::new(config.auth_token.is_none()),
     });
     let idle = Duration::from_millis(config.idle_timeout_ms);
     let mut reader = crate::net::ReadBuffer::default();
@@ -283,11 +286,29 @@ async fn dispatch(
         .into());
     }
     let broker = &conn.broker;
+    if h.opcode != Opcode::Hello && !conn.authorized.load(Ordering::Acquire) {
+        return Err(
+            WireError::Unauthorized("this broker requires HELLO with a token first").into(),
+        );
+    }
     match h.opcode {
         Opcode::Hello => {
             let hello = Hello::decode(&body)?;
             if !(hello.version_min..=hello.version_max).contains(&frame::VERSION) {
                 return Err(WireError::UnsupportedVersion(hello.version_max).into());
+            }
+            if let Some(expected) = &broker.config().auth_token {
+                let given = hello.token.as_deref().unwrap_or("");
+                if !super::config::same_secret(given.as_bytes(), expected.as_bytes()) {
+                    tracing::warn!(client = %hello.client, "refused a connection: missing or wrong token");
+                    return Err(WireError::Unauthorized(if hello.token.is_none() {
+                        "this broker requires a token in HELLO"
+                    } else {
+                        "wrong token"
+                    })
+                    .into());
+                }
+                conn.authorized.store(true, Ordering::Release);
             }
             let reply = HelloReply {
                 version: frame::VERSION,

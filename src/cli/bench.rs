@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use bida::broker::{server, Broker, BrokerConfig};
 use bida::client::txn::{Decision, TransactionalProducer};
-use bida::client::{Client, Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use bida::client::{Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
 
 use super::FlushArg;
 
@@ -261,7 +261,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         .topic
         .clone()
         .unwrap_or_else(|| format!("bench-{}", now_ns() / 1_000_000));
-    let admin = Client::connect(addr).await?;
+    let admin = super::connect(addr).await?;
     admin
         .create_topic(&topic, args.partitions, true, Default::default())
         .await?;
@@ -291,7 +291,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     let last_consumed = Arc::new(Mutex::new(Instant::now()));
     let mut consumers = Vec::new();
     for _ in 0..args.consumers {
-        let client = Client::connect(addr).await?;
+        let client = super::connect(addr).await?;
         let options = ConsumerOptions {
             max_messages: args.fetch_messages,
             max_bytes: 8 << 20,
@@ -362,7 +362,10 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     for _ in 0..args.producers {
         let Some(txn) = args.txn else { break };
         let producer = Arc::new(
-            TransactionalProducer::connect(addr, "bida-bench", |_| Decision::Unknown).await?,
+            TransactionalProducer::connect_with_token(addr, super::token(), "bida-bench", |_| {
+                Decision::Unknown
+            })
+            .await?,
         );
         let ctx = TxnRun {
             produced: produced.clone(),
@@ -379,7 +382,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         if args.txn.is_some() {
             break;
         }
-        let client = Client::connect(addr).await?;
+        let client = super::connect(addr).await?;
         let options = ProducerOptions {
             inflight_batches_max: args.inflight,
             ..ProducerOptions::default()

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bida::client::{Client, Consumer, ConsumerOptions};
+use bida::client::{Consumer, ConsumerOptions};
 
 use super::DEFAULT_BROKER;
 
@@ -36,7 +36,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = Client::connect(args.broker).await?;
+        let client = super::connect(args.broker).await?;
         let mut options = ConsumerOptions::default();
         if let Some(n) = args.count {
             options.max_messages = n.clamp(1, 1000) as u32;

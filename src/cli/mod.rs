@@ -28,6 +28,10 @@ pub struct Cli {
     /// line. The level comes from BIDA_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Token for a broker started with --auth-token (produce, consume,
+    /// topics, bench)
+    #[arg(long, global = true, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -153,7 +157,23 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// The token of the client subcommands (`--token`).
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// `--token`, if given.
+pub fn token() -> Option<&'static str> {
+    TOKEN.get().and_then(|t| t.as_deref())
+}
+
+/// Connects a client subcommand to `addr`, with `--token` if given.
+pub async fn connect(
+    addr: std::net::SocketAddr,
+) -> Result<std::sync::Arc<bida::client::Client>, bida::client::ClientError> {
+    bida::client::Client::connect_with_token(addr, token()).await
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let _ = TOKEN.set(cli.token.filter(|t| !t.is_empty()));
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Produce(args) => produce::run(args),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bida::client::txn::{send_delayed, RetryOptions};
-use bida::client::{Client, OutgoingMessage, Producer, ProducerOptions};
+use bida::client::{OutgoingMessage, Producer, ProducerOptions};
 
 use super::DEFAULT_BROKER;
 
@@ -36,7 +36,7 @@ pub struct Args {
 
 /// `--delay-ms`: batches of lines through PRODUCE_DELAYED.
 async fn run_delayed(args: &Args, delay_ms: u64) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let client = Client::connect(args.broker).await?;
+    let client = super::connect(args.broker).await?;
     let retry = RetryOptions {
         attempts: args.attempts,
         ..RetryOptions::default()
@@ -92,7 +92,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if let Some(delay_ms) = args.delay_ms {
             return run_delayed(&args, delay_ms).await;
         }
-        let client = Client::connect(args.broker).await?;
+        let client = super::connect(args.broker).await?;
         let options = ProducerOptions {
             attempts: args.attempts,
             ..ProducerOptions::default()

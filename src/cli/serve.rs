@@ -25,6 +25,10 @@ pub struct Args {
     /// port, printed at start [default: 127.0.0.1:7879]
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Require this token: in HELLO from clients, as `Authorization:
+    /// Bearer TOKEN` on the admin listener [default: none]
+    #[arg(long, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
     /// When a produce is acked: sync = once durable, async = at once,
     /// flushed in the background [default: sync]
     #[arg(long, value_enum)]
@@ -100,6 +104,9 @@ impl Args {
         }
         if let Some(v) = &self.admin_listen {
             c.admin_listen = bida::broker::config::parse_admin_listen(v)?;
+        }
+        if let Some(v) = &self.auth_token {
+            c.auth_token = (!v.is_empty()).then(|| v.clone());
         }
         if let Some(f) = self.flush {
             let mode = match f {

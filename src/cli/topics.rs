@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use bida::client::{Client, TopicConfig};
+use bida::client::TopicConfig;
 use bida::protocol::body::Backoff;
 
 use super::DEFAULT_BROKER;
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let client = Client::connect(args.broker).await?;
+        let client = super::connect(args.broker).await?;
         match args.command.unwrap_or(TopicsCommand::List) {
             TopicsCommand::List => {
                 println!("{:<40} {:>10}", "TOPIC", "PARTITIONS");

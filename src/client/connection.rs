@@ -63,6 +63,15 @@ pub struct Connection {
 impl Connection {
     /// Connects and says HELLO.
     pub async fn connect(addr: SocketAddr) -> Result<Arc<Connection>, ClientError> {
+        Connection::connect_with_token(addr, None).await
+    }
+
+    /// Connects and says HELLO with `token`, for a broker started with
+    /// `--auth-token`.
+    pub async fn connect_with_token(
+        addr: SocketAddr,
+        token: Option<&str>,
+    ) -> Result<Arc<Connection>, ClientError> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -108,6 +117,7 @@ impl Connection {
             version_min: VERSION,
             version_max: VERSION,
             client: format!("bida-rust {}", env!("CARGO_PKG_VERSION")),
+            token: token.map(str::to_owned),
         }
         .encode(&mut body);
         let reply = HelloReply::decode(&conn.request(Opcode::Hello, &body).await?)?;

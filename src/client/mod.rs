@@ -98,15 +98,26 @@ impl ClientError {
 /// A connection that is re-established on the next call after it breaks.
 pub struct Client {
     addr: SocketAddr,
+    token: Option<String>,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
 impl Client {
     /// Connects to a broker.
     pub async fn connect(addr: SocketAddr) -> Result<Arc<Client>, ClientError> {
-        let conn = Connection::connect(addr).await?;
+        Client::connect_with_token(addr, None).await
+    }
+
+    /// Connects to a broker that requires a token (`bida serve
+    /// --auth-token`); every reconnection presents it again.
+    pub async fn connect_with_token(
+        addr: SocketAddr,
+        token: Option<&str>,
+    ) -> Result<Arc<Client>, ClientError> {
+        let conn = Connection::connect_with_token(addr, token).await?;
         Ok(Arc::new(Client {
             addr,
+            token: token.map(str::to_owned),
             current: tokio::sync::Mutex::new(Some(conn)),
         }))
     }
@@ -123,7 +134,7 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let c = Connection::connect(self.addr).await?;
+        let c = Connection::connect_with_token(self.addr, self.token.as_deref()).await?;
         *current = Some(c.clone());
         Ok(c)
     }

@@ -197,8 +197,19 @@ impl TransactionalProducer {
         group: &str,
         checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
     ) -> Result<TransactionalProducer, ClientError> {
+        TransactionalProducer::connect_with_token(addr, None, group, checker).await
+    }
+
+    /// As [`TransactionalProducer::connect`], for a broker that requires a
+    /// token.
+    pub async fn connect_with_token(
+        addr: SocketAddr,
+        token: Option<&str>,
+        group: &str,
+        checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
+    ) -> Result<TransactionalProducer, ClientError> {
         crate::protocol::body::check_name("group", group).map_err(ClientError::Invalid)?;
-        let client = Client::connect(addr).await?;
+        let client = Client::connect_with_token(addr, token).await?;
         let checker: Checker = Arc::new(checker);
         // Registered before returning, so a check can reach us at once.
         let first = client

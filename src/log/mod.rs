@@ -467,6 +467,25 @@ impl Log {
         self.inner.delete_segments(doomed)
     }
 
+    /// Deletes every record now in the log (a purge): the active segment
+    /// is sealed if it holds any, then every sealed segment is deleted.
+    /// Offsets go on from where they were; the log's start becomes its end.
+    /// Space comes back at once, which also makes this the way out of a
+    /// full disk for data nobody needs.
+    pub fn purge(&self) -> Result<RetentionReport> {
+        let end = {
+            let mut w = self.inner.lock_writer();
+            if let Some(reason) = &w.broken {
+                return Err(StorageError::Failed(reason.clone()));
+            }
+            if w.next_offset > w.active.base_offset {
+                self.inner.roll(&mut w)?;
+            }
+            w.next_offset
+        };
+        self.delete_before(end)
+    }
+
     /// Lets go of the pages of every durable record: this process's
     /// mappings and the page cache. For an owner that has just read the
     /// whole log once (a rebuild on open) and will not read it again soon.

@@ -36,21 +36,34 @@ pub struct Hello {
     pub version_min: u8,
     pub version_max: u8,
     pub client: String,
+    /// The access token, for a broker that requires one. Sent as a
+    /// trailing `str`; absent when the body ends after `client`.
+    pub token: Option<String>,
 }
+
+/// Longest token in HELLO.
+pub const TOKEN_MAX: usize = 256;
 
 impl Hello {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.put_u8(self.version_min);
         out.put_u8(self.version_max);
         out.put_str(&self.client);
+        if let Some(t) = &self.token {
+            out.put_str(t);
+        }
     }
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(body);
-        let h = Hello {
+        let mut h = Hello {
             version_min: r.u8()?,
             version_max: r.u8()?,
             client: r.str("client name", TEXT_MAX)?.to_owned(),
+            token: None,
         };
+        if r.remaining() > 0 {
+            h.token = Some(r.str("token", TOKEN_MAX)?.to_owned());
+        }
         r.finish()?;
         Ok(h)
     }
@@ -1047,6 +1060,35 @@ mod tests {
 }
 
 #[cfg(test)]
+mod hello_token {
+    use super::*;
+
+    #[test]
+    fn the_token_is_an_optional_trailing_string() {
+        for token in [None, Some("s3cret".to_owned())] {
+            let h = Hello {
+                version_min: 1,
+                version_max: 1,
+                client: "c".into(),
+                token,
+            };
+            let mut body = Vec::new();
+            h.encode(&mut body);
+            assert_eq!(Hello::decode(&body).unwrap(), h);
+        }
+        // A token longer than TOKEN_MAX is refused, not allocated.
+        let mut body = vec![1, 1, 1, 0, b'c'];
+        body.put_str(&"t".repeat(TOKEN_MAX + 1));
+        assert!(Hello::decode(&body).is_err());
+        // Bytes after the token are not ignored.
+        let mut body = vec![1, 1, 1, 0, b'c', 1, 0, b't', 9];
+        assert!(Hello::decode(&body).is_err());
+        body.pop();
+        assert_eq!(Hello::decode(&body).unwrap().token.as_deref(), Some("t"));
+    }
+}
+
+#[cfg(test)]
 mod doc_example {
     /// The HELLO example in docs/PROTOCOL.md, byte for byte.
     #[test]
@@ -1056,6 +1098,7 @@ mod doc_example {
             version_min: 1,
             version_max: 1,
             client: "x".into(),
+            token: None,
         }
         .encode(&mut body);
         let f = crate::protocol::frame::encode(crate::protocol::Opcode::Hello, 0, 1, &body);

@@ -28,6 +28,8 @@ pub enum WireError {
     },
     #[error("malformed frame: {0}")]
     Malformed(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
 }
 
 impl WireError {
@@ -38,6 +40,7 @@ impl WireError {
             WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
             WireError::UnexpectedEof { .. } | WireError::Malformed(_) => ErrorCode::MalformedFrame,
+            WireError::Unauthorized(_) => ErrorCode::Unauthorized,
         }
     }
 }
@@ -71,6 +74,9 @@ error_codes! {
     TooManyConnections = 5,
     /// The broker is stopping. Closes the connection.
     ShuttingDown = 6,
+    /// The broker requires a token: HELLO had none or a wrong one, or a
+    /// request came before HELLO. Closes the connection.
+    Unauthorized = 7,
     UnknownTopic = 100,
     TopicExists = 101,
     InvalidTopicName = 102,

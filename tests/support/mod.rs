@@ -108,4 +108,5 @@ pub fn flip_bit(path: &Path, at: u64, bit: u8) {
     std::fs::write(path, bytes).unwrap();
 }
 
+pub mod admin;
 pub mod broker;
