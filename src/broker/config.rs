@@ -50,6 +50,8 @@ pub struct BrokerConfig {
     /// A partition's oldest sealed segments are deleted beyond this size.
     /// Default: none.
     pub retention_bytes: Option<u64>,
+    /// How often each partition applies retention. Default: 10,000 ms.
+    pub retention_check_interval_ms: u64,
     /// Partitions of a topic created without a count. Default: 1.
     pub default_partitions: u32,
     /// Producing to an unknown topic creates it. Default: true.
@@ -106,6 +108,7 @@ impl Default for BrokerConfig {
             dedup_window_ms: 600_000,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,
+            retention_check_interval_ms: 10_000,
             default_partitions: 1,
             auto_create_topics: true,
             ack_timeout_ms: 30_000,
@@ -136,6 +139,9 @@ impl BrokerConfig {
         }
         if self.max_deliveries == 0 {
             return Err("max_deliveries must be at least 1".into());
+        }
+        if self.retention_check_interval_ms == 0 {
+            return Err("retention_check_interval_ms must be at least 1".into());
         }
         if self.ack_timeout_ms == 0 {
             return Err("ack_timeout_ms must be at least 1".into());
@@ -182,6 +188,7 @@ impl BrokerConfig {
             record_bytes_max,
             dedup_window_ids,
             dedup_window_ms,
+            retention_check_interval_ms,
             default_partitions,
             auto_create_topics,
             ack_timeout_ms,
@@ -312,6 +319,7 @@ const FILE_KEYS: &[&str] = &[
     "dedup_window_ms",
     "retention_ms",
     "retention_bytes",
+    "retention_check_interval_ms",
     "default_partitions",
     "auto_create_topics",
     "ack_timeout_ms",
@@ -345,6 +353,7 @@ struct FileConfig {
     dedup_window_ms: Option<u64>,
     retention_ms: Option<u64>,
     retention_bytes: Option<u64>,
+    retention_check_interval_ms: Option<u64>,
     default_partitions: Option<u32>,
     auto_create_topics: Option<bool>,
     ack_timeout_ms: Option<u32>,

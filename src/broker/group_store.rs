@@ -238,10 +238,27 @@ pub struct GroupStore {
     thread: Option<JoinHandle<()>>,
 }
 
-fn log_options(flush: FlushMode) -> Options {
+/// How the groups log is written: the broker's flush mode, and its segment
+/// size (the broker's, at most 64 MiB, so a small disk holds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreSetup {
+    pub flush: FlushMode,
+    pub segment_bytes: u64,
+}
+
+impl From<FlushMode> for StoreSetup {
+    fn from(flush: FlushMode) -> Self {
+        StoreSetup {
+            flush,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+fn log_options(setup: StoreSetup) -> Options {
     let mut o = Options {
-        flush,
-        segment_bytes: 64 << 20,
+        flush: setup.flush,
+        segment_bytes: setup.segment_bytes,
         checkpoint_interval_ms: 1000,
         ..Options::default()
     };
@@ -292,14 +309,14 @@ fn replay(log: &Log) -> Result<HashMap<GroupKey, StoredGroup>, StorageError> {
 
 fn write_snapshot(
     dir: &Path,
-    flush: FlushMode,
+    setup: StoreSetup,
     entries: &[(GroupKey, Entry)],
 ) -> Result<(), StorageError> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(StorageError::io(&tmp))?;
     }
-    let log = Log::open(&tmp, log_options(flush))?;
+    let log = Log::open(&tmp, log_options(setup))?;
     for chunk in entries.chunks(BATCH_MAX) {
         let payloads: Vec<Vec<u8>> = chunk
             .iter()
@@ -326,12 +343,13 @@ impl GroupStore {
     /// thread. Returns the replayed state.
     pub fn open(
         dir: PathBuf,
-        flush: FlushMode,
+        setup: impl Into<StoreSetup>,
         compact_bytes: u64,
         collector: Collector,
     ) -> Result<(GroupStore, HashMap<GroupKey, StoredGroup>), StorageError> {
+        let setup = setup.into();
         settle_swap(&dir).map_err(StorageError::io(&dir))?;
-        let mut log = Log::open(&dir, log_options(flush))?;
+        let mut log = Log::open(&dir, log_options(setup))?;
         let state = replay(&log)?;
         if log_bytes(&log) > compact_bytes {
             // The replayed state is the snapshot: nothing else knows the
@@ -352,14 +370,14 @@ impl GroupStore {
             log = compact(
                 log,
                 &dir,
-                flush,
+                setup,
                 &(Box::new(move || entries.clone()) as Collector),
             )?;
         }
         let (tx, rx) = crossbeam_channel::bounded(BATCH_MAX * 4);
         let thread = std::thread::Builder::new()
             .name("bida-groups".into())
-            .spawn(move || run(log, dir, flush, compact_bytes, collector, rx))
+            .spawn(move || run(log, dir, setup, compact_bytes, collector, rx))
             .map_err(StorageError::io("spawn bida-groups"))?;
         Ok((
             GroupStore {
@@ -419,7 +437,7 @@ fn log_bytes(log: &Log) -> u64 {
 fn run(
     mut log: Log,
     dir: PathBuf,
-    flush: FlushMode,
+    setup: StoreSetup,
     compact_bytes: u64,
     collector: Collector,
     rx: Receiver<Request>,
@@ -431,7 +449,7 @@ fn run(
     let mut compact_due = false;
     loop {
         if compact_due {
-            log = match compact(log, &dir, flush, &collector) {
+            log = match compact(log, &dir, setup, &collector) {
                 Ok(l) => {
                     threshold = compact_bytes.max(2 * log_bytes(&l));
                     l
@@ -457,7 +475,7 @@ fn run(
             .collect();
         let result = log
             .append(&msgs)
-            .and_then(|a| match flush {
+            .and_then(|a| match setup.flush {
                 FlushMode::Sync => log.wait_durable(a.durable_target()),
                 FlushMode::Async { .. } => Ok(()),
             })
@@ -482,12 +500,12 @@ fn run(
 fn compact(
     log: Log,
     dir: &Path,
-    flush: FlushMode,
+    setup: StoreSetup,
     collector: &Collector,
 ) -> Result<Log, StorageError> {
     let before = log_bytes(&log);
     let entries = collector();
-    write_snapshot(dir, flush, &entries)?;
+    write_snapshot(dir, setup, &entries)?;
     log.close()?;
     let old = dir.with_extension("old");
     fs::rename(dir, &old).map_err(StorageError::io(dir))?;
@@ -498,7 +516,7 @@ fn compact(
             .map_err(StorageError::io(parent))?;
     }
     fs::remove_dir_all(&old).map_err(StorageError::io(&old))?;
-    let log = Log::open(dir, log_options(flush))?;
+    let log = Log::open(dir, log_options(setup))?;
     tracing::info!(
         groups = entries.len(),
         bytes_before = before,

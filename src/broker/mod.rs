@@ -327,7 +327,10 @@ impl Broker {
         let collector: Collector = Box::new(move || snapshot_groups(&collector_topics));
         let (store, stored) = GroupStore::open(
             config.data_dir.join("_groups"),
-            config.flush,
+            group_store::StoreSetup {
+                flush: config.flush,
+                segment_bytes: config.segment_bytes.min(64 << 20),
+            },
             config.groups_compact_bytes,
             collector,
         )?;
@@ -1115,6 +1118,7 @@ fn log_options(config: &BrokerConfig) -> Options {
     o.dedup.age_ms_max = config.dedup_window_ms;
     o.retention.age_ms_max = config.retention_ms;
     o.retention.bytes_max = config.retention_bytes;
+    o.retention_check_interval_ms = config.retention_check_interval_ms;
     o
 }
 

@@ -88,10 +88,20 @@ impl Segment {
             .create_new(true)
             .open(&path)
             .map_err(StorageError::io(&path))?;
-        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
-            .map_err(|e| StorageError::io(&path)(e.into()))?;
-        file.sync_all().map_err(StorageError::io(&path))?;
-        sync_dir(dir)?;
+        let created = (|| {
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
+                .map_err(|e| StorageError::io(&path)(e.into()))?;
+            file.sync_all().map_err(StorageError::io(&path))?;
+            sync_dir(dir)
+        })();
+        if let Err(e) = created {
+            // A full disk refuses the preallocation: take the empty file
+            // back, so the next attempt (once space is freed) can create
+            // it again.
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         let scan = Scan {
             next_offset: base_offset,
             ..Scan::default()
