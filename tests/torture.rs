@@ -34,3 +34,26 @@ fn the_checker_catches_lost_acked_data() {
     assert!(!ok, "zeroed acked records went unnoticed:\n{text}");
     assert!(text.contains("VIOLATION"), "{text}");
 }
+
+#[test]
+fn power_cuts_lose_nothing_acked_under_sync_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = torture(dir.path(), &["--cycles", "5", "--power-loss"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("no acked message lost"), "{text}");
+    assert!(text.contains("power cuts:"), "{text}");
+}
+
+#[test]
+fn power_cuts_under_async_flush_lose_only_the_flush_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = torture(
+        dir.path(),
+        &["--cycles", "5", "--power-loss", "--flush", "async"],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("lost only within the async flush window"),
+        "{text}"
+    );
+}

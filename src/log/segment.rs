@@ -367,6 +367,7 @@ impl Segment {
                 .map_err(StorageError::io(&self.path))?;
         }
         self.flushed.fetch_max(end, Ordering::AcqRel);
+        flush_journal(&self.path, end);
         Ok(())
     }
 
@@ -559,6 +560,31 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StorageError::io(dir))
+}
+
+/// For power-loss tests: with `BIDA_FLUSH_JOURNAL=FILE` in the environment,
+/// every completed flush appends `<segment path> <durable byte position>`
+/// to FILE. A harness that kills the process can then garble each segment
+/// past its last durable position, as a power cut would (`bida torture
+/// --power-loss`, docs/RELIABILITY.md). Unset, this costs one check.
+fn flush_journal(path: &Path, end: usize) {
+    static JOURNAL: std::sync::OnceLock<Option<Mutex<File>>> = std::sync::OnceLock::new();
+    let journal = JOURNAL.get_or_init(|| {
+        let to = std::env::var_os("BIDA_FLUSH_JOURNAL")?;
+        File::options()
+            .create(true)
+            .append(true)
+            .open(to)
+            .ok()
+            .map(Mutex::new)
+    });
+    if let Some(file) = journal {
+        let line = format!("{} {end}\n", path.display());
+        let _ = file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(line.as_bytes());
+    }
 }
 
 #[cfg(test)]
