@@ -126,8 +126,12 @@ fn power_cut(
             if path.extension().is_none_or(|x| x != "log") {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let from = durable.get(&path).copied().unwrap_or(0) as usize;
+            let len = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+            if len <= from as u64 {
+                continue; // a sealed segment, trimmed to what was flushed
+            }
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
             if end <= from {
                 continue;
