@@ -127,6 +127,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Runs `f` (which takes partition locks or reads segments) on the
+/// blocking pool, not on the async workers.
+async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: ErrorCode::Storage as u16,
+        error: e.to_string(),
+    })
+}
+
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         let code = e.code();
@@ -298,13 +310,7 @@ fn build_overview(broker: &Broker) -> Overview {
 }
 
 async fn overview(State(broker): State<Arc<Broker>>) -> Result<Json<Overview>, ApiError> {
-    tokio::task::spawn_blocking(move || Json(build_overview(&broker)))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: ErrorCode::Storage as u16,
-            error: e.to_string(),
-        })
+    off_workers(move || Json(build_overview(&broker))).await
 }
 
 #[derive(Deserialize)]
@@ -358,13 +364,7 @@ async fn messages(
 ) -> Result<Json<Browse>, ApiError> {
     let b = broker.clone();
     let t = topic.clone();
-    let records = tokio::task::spawn_blocking(move || b.browse(&t, q.partition, q.from, q.limit))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: ErrorCode::Storage as u16,
-            error: e.to_string(),
-        })??;
+    let records = off_workers(move || b.browse(&t, q.partition, q.from, q.limit)).await??;
     let p = broker.topic(&topic)?.partition(q.partition)?.clone();
     let messages = records
         .iter()
@@ -431,13 +431,7 @@ async fn purge(
     State(broker): State<Arc<Broker>>,
     Path(topic): Path<String>,
 ) -> Result<Json<PurgeView>, ApiError> {
-    let p = tokio::task::spawn_blocking(move || broker.purge(&topic))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: ErrorCode::Storage as u16,
-            error: e.to_string(),
-        })??;
+    let p = off_workers(move || broker.purge(&topic)).await??;
     Ok(Json(PurgeView {
         messages: p.messages,
         bytes: p.bytes,
