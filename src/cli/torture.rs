@@ -58,35 +58,37 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = super::FlushArg::Sync)]
     flush: super::FlushArg,
     /// For testing the checker itself: after the kill in this cycle, zero
-    /// the last 64 KiB of stored data (acked records), as a disk that
-    /// lost them would. The run must then fail.
+    /// 64 KiB in the middle of the stored data (acked records), as a disk
+    /// that lost them would. The run must then fail.
     #[arg(long, hide = true)]
     sabotage_cycle: Option<u32>,
 }
 
-/// Zeroes the last 64 KiB before the end of the data in the newest
-/// segment of the torture topic.
+/// Zeroes 64 KiB in the middle of the data of the torture topic's
+/// largest segment: records acked long before the kill (the tail may
+/// still be in flight, unacked, on a loaded machine).
 fn sabotage(data: &std::path::Path) -> Result<(), String> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let dir = data.join("topics").join(TOPIC).join("0");
-    let newest = std::fs::read_dir(&dir)
+    let largest = std::fs::read_dir(&dir)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .max()
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
         .ok_or("no segment to damage")?;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&newest)
+        .open(&largest)
         .map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
     let end = bytes.iter().rposition(|b| *b != 0).ok_or("empty segment")? + 1;
-    let from = end.saturating_sub(64 << 10);
+    let from = end / 2;
+    let to = (from + (64 << 10)).min(end);
     f.seek(SeekFrom::Start(from as u64))
         .map_err(|e| e.to_string())?;
-    f.write_all(&vec![0u8; end - from])
+    f.write_all(&vec![0u8; to - from])
         .map_err(|e| e.to_string())?;
     Ok(())
 }
