@@ -41,8 +41,16 @@ const KIND_JOIN: u8 = 1;
 const KIND_ACKS: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 const KIND_DELAYS: u8 = 4;
-/// Most ranges in one entry.
+/// Most ranges in one entry read back (entries written before records
+/// were split could hold this many).
 const RANGES_MAX: usize = 1 << 20;
+/// Most ranges or delays written in one record: an entry with more is
+/// split (a snapshot continues as ACKS entries), so every record stays
+/// under `RECORD_BYTES` whatever a group's state.
+const ENTRY_ITEMS_MAX: usize = 2048;
+/// The groups log's largest record: a key of two names plus
+/// `ENTRY_ITEMS_MAX` delays (16 bytes each). It fits the smallest segment.
+const RECORD_BYTES: u32 = 64 << 10;
 /// Most entries appended in one batch.
 const BATCH_MAX: usize = 4096;
 
@@ -113,59 +121,88 @@ fn ranges(sorted: &[u64]) -> Vec<(u64, u32)> {
     out
 }
 
-pub fn encode_entry(key: (&str, u32, &str), entry: &Entry) -> Vec<u8> {
+pub fn encode_entry(key: (&str, u32, &str), entry: &Entry) -> Vec<Vec<u8>> {
     let (topic, partition, group) = key;
-    let mut out = Vec::with_capacity(64);
-    let put_ranges = |out: &mut Vec<u8>, offsets: &[u64]| {
-        let mut sorted = offsets.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let r = ranges(&sorted);
+    let head = |kind: u8| {
+        let mut out = Vec::with_capacity(64);
+        out.put_u8(kind);
+        out.put_str(topic);
+        out.put_u32(partition);
+        out.put_str(group);
+        out
+    };
+    let put_ranges = |out: &mut Vec<u8>, r: &[(u64, u32)]| {
         out.put_u32(r.len() as u32);
-        for (first, count) in r {
+        for &(first, count) in r {
             out.put_u64(first);
             out.put_u32(count);
         }
     };
+    let sorted_ranges = |offsets: &[u64]| {
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        ranges(&sorted)
+    };
+    // `chunks` of an empty slice yields nothing; every entry writes at
+    // least one record.
+    let chunks = |n: usize| n.div_ceil(ENTRY_ITEMS_MAX).max(1);
     match entry {
         Entry::Join { start } => {
-            out.put_u8(KIND_JOIN);
-            out.put_str(topic);
-            out.put_u32(partition);
-            out.put_str(group);
+            let mut out = head(KIND_JOIN);
             out.put_u64(*start);
+            vec![out]
         }
         Entry::Acks { offsets } => {
-            out.put_u8(KIND_ACKS);
-            out.put_str(topic);
-            out.put_u32(partition);
-            out.put_str(group);
-            put_ranges(&mut out, offsets);
+            let r = sorted_ranges(offsets);
+            (0..chunks(r.len()))
+                .map(|i| {
+                    let mut out = head(KIND_ACKS);
+                    put_ranges(&mut out, piece(&r, i));
+                    out
+                })
+                .collect()
         }
         Entry::Snapshot {
             committed,
             acked_above,
         } => {
-            out.put_u8(KIND_SNAPSHOT);
-            out.put_str(topic);
-            out.put_u32(partition);
-            out.put_str(group);
-            out.put_u64(*committed);
-            put_ranges(&mut out, acked_above);
+            // The first record replaces the group's state; the rest add
+            // acks to it, as ACKS entries do.
+            let r = sorted_ranges(acked_above);
+            (0..chunks(r.len()))
+                .map(|i| {
+                    let mut out = if i == 0 {
+                        let mut out = head(KIND_SNAPSHOT);
+                        out.put_u64(*committed);
+                        out
+                    } else {
+                        head(KIND_ACKS)
+                    };
+                    put_ranges(&mut out, piece(&r, i));
+                    out
+                })
+                .collect()
         }
-        Entry::Delays { delays } => {
-            out.put_u8(KIND_DELAYS);
-            out.put_str(topic);
-            out.put_u32(partition);
-            out.put_str(group);
-            out.put_u32(delays.len() as u32);
-            for (offset, due) in delays {
-                out.put_u64(*offset);
-                out.put_u64(*due);
-            }
-        }
+        Entry::Delays { delays } => (0..chunks(delays.len()))
+            .map(|i| {
+                let part = piece(delays, i);
+                let mut out = head(KIND_DELAYS);
+                out.put_u32(part.len() as u32);
+                for (offset, due) in part {
+                    out.put_u64(*offset);
+                    out.put_u64(*due);
+                }
+                out
+            })
+            .collect(),
     }
-    out
+}
+
+/// The `i`-th piece of at most `ENTRY_ITEMS_MAX` items.
+fn piece<T>(items: &[T], i: usize) -> &[T] {
+    let from = (i * ENTRY_ITEMS_MAX).min(items.len());
+    &items[from..(from + ENTRY_ITEMS_MAX).min(items.len())]
 }
 
 /// Applies one entry to the replayed state.
@@ -229,7 +266,9 @@ fn apply(state: &mut HashMap<GroupKey, StoredGroup>, payload: &[u8]) -> Result<(
 pub type Collector = Box<dyn Fn() -> Vec<(GroupKey, Entry)> + Send>;
 
 enum Request {
-    Write(Vec<u8>, Option<oneshot::Sender<Result<(), String>>>),
+    /// One entry's records (several when it was split), all appended in
+    /// one batch.
+    Write(Vec<Vec<u8>>, Option<oneshot::Sender<Result<(), String>>>),
 }
 
 /// The handle to the thread that owns the groups log.
@@ -259,6 +298,7 @@ fn log_options(setup: StoreSetup) -> Options {
     let mut o = Options {
         flush: setup.flush,
         segment_bytes: setup.segment_bytes,
+        record_bytes_max: RECORD_BYTES,
         checkpoint_interval_ms: 1000,
         ..Options::default()
     };
@@ -320,7 +360,7 @@ fn write_snapshot(
     for chunk in entries.chunks(BATCH_MAX) {
         let payloads: Vec<Vec<u8>> = chunk
             .iter()
-            .map(|((t, p, g), e)| encode_entry((t, *p, g), e))
+            .flat_map(|((t, p, g), e)| encode_entry((t, *p, g), e))
             .collect();
         let msgs: Vec<Message<'_>> = payloads.iter().map(|p| message(p)).collect();
         let _ = log.append(&msgs)?;
@@ -471,7 +511,7 @@ fn run(
         batch.extend(rx.try_iter().take(BATCH_MAX - 1));
         let msgs: Vec<Message<'_>> = batch
             .iter()
-            .map(|Request::Write(p, _)| message(p))
+            .flat_map(|Request::Write(records, _)| records.iter().map(|p| message(p)))
             .collect();
         let result = log
             .append(&msgs)
@@ -529,6 +569,65 @@ fn compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::record::RECORD_HEADER_LEN;
+
+    fn apply_all(state: &mut HashMap<GroupKey, StoredGroup>, k: (&str, u32, &str), e: &Entry) {
+        for record in encode_entry(k, e) {
+            apply(state, &record).unwrap();
+        }
+    }
+
+    #[test]
+    fn large_entries_split_into_bounded_records_that_replay_whole() {
+        let long = "x".repeat(TOPIC_NAME_MAX);
+        let k = (long.as_str(), 3, long.as_str());
+        let key = (long.clone(), 3, long.clone());
+        // 10,000 disjoint ranges above committed, 5,000 delays.
+        let acked_above: Vec<u64> = (0..10_000).map(|i| 101 + 2 * i).collect();
+        let delays: Vec<(u64, u64)> = (0..5_000).map(|i| (100 + 2 * i, 7 + i)).collect();
+        let mut state = HashMap::new();
+        // Stale state the snapshot must replace.
+        apply_all(
+            &mut state,
+            k,
+            &Entry::Acks {
+                offsets: vec![1, 2, 3],
+            },
+        );
+        let snapshot = Entry::Snapshot {
+            committed: 100,
+            acked_above: acked_above.clone(),
+        };
+        let delays_entry = Entry::Delays {
+            delays: delays.clone(),
+        };
+        for e in [&snapshot, &delays_entry] {
+            let records = encode_entry(k, e);
+            assert!(records.len() > 1, "split into several records");
+            for r in &records {
+                assert!(r.len() + RECORD_HEADER_LEN <= RECORD_BYTES as usize);
+            }
+            apply_all(&mut state, k, e);
+        }
+        let g = &state[&key];
+        assert_eq!(g.committed, 100);
+        assert_eq!(
+            g.acked_above.iter().copied().collect::<Vec<_>>(),
+            acked_above
+        );
+        assert_eq!(g.delayed, delays.into_iter().collect::<BTreeMap<_, _>>());
+        // An empty snapshot still writes (and replaces with) one record.
+        let empty = Entry::Snapshot {
+            committed: 5,
+            acked_above: vec![],
+        };
+        assert_eq!(encode_entry(k, &empty).len(), 1);
+        apply_all(&mut state, k, &empty);
+        assert_eq!(
+            (state[&key].committed, state[&key].acked_above.len()),
+            (5, 0)
+        );
+    }
 
     #[test]
     fn delays_replay_until_acked_or_snapshotted() {
@@ -542,20 +641,17 @@ mod tests {
             },
             Entry::Acks { offsets: vec![2] },
         ] {
-            apply(&mut state, &encode_entry(k, &e)).unwrap();
+            apply_all(&mut state, k, &e);
         }
         assert_eq!(state[&key].delayed, BTreeMap::from([(4, 1200)]));
-        apply(
+        apply_all(
             &mut state,
-            &encode_entry(
-                k,
-                &Entry::Snapshot {
-                    committed: 3,
-                    acked_above: vec![],
-                },
-            ),
-        )
-        .unwrap();
+            k,
+            &Entry::Snapshot {
+                committed: 3,
+                acked_above: vec![],
+            },
+        );
         assert!(state[&key].delayed.is_empty(), "a snapshot replaces all");
         // Truncated: an error, never a panic.
         let bytes = encode_entry(
@@ -563,7 +659,8 @@ mod tests {
             &Entry::Delays {
                 delays: vec![(1, 2)],
             },
-        );
+        )
+        .remove(0);
         for cut in 1..bytes.len() {
             assert!(apply(&mut HashMap::new(), &bytes[..cut]).is_err());
         }
@@ -580,22 +677,19 @@ mod tests {
             },
             Entry::Acks { offsets: vec![5] },
         ] {
-            apply(&mut state, &encode_entry(k, &e)).unwrap();
+            apply_all(&mut state, k, &e);
         }
         let g = &state[&("t".to_string(), 0, "g".to_string())];
         assert_eq!(g.committed, 8);
         assert_eq!(g.acked_above.iter().copied().collect::<Vec<_>>(), vec![9]);
-        apply(
+        apply_all(
             &mut state,
-            &encode_entry(
-                k,
-                &Entry::Snapshot {
-                    committed: 100,
-                    acked_above: vec![102],
-                },
-            ),
-        )
-        .unwrap();
+            k,
+            &Entry::Snapshot {
+                committed: 100,
+                acked_above: vec![102],
+            },
+        );
         let g = &state[&("t".to_string(), 0, "g".to_string())];
         assert_eq!((g.committed, g.acked_above.len()), (100, 1));
         assert!(apply(&mut state, &[9, 0]).is_err());
