@@ -3,6 +3,12 @@
 //! only while the peer keeps it full. (The wire format itself is in
 //! `protocol`, which does no I/O.)
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
@@ -30,6 +36,28 @@ impl FrameQueue for mpsc::Receiver<Bytes> {
     }
 }
 
+/// A frame queued for the writer, holding memory room (a semaphore
+/// permit, typically) until the writer takes it off the queue.
+pub struct Outgoing<R: Send> {
+    pub frame: Bytes,
+    pub room: Option<R>,
+}
+
+impl<R: Send> From<Bytes> for Outgoing<R> {
+    fn from(frame: Bytes) -> Self {
+        Outgoing { frame, room: None }
+    }
+}
+
+impl<R: Send> FrameQueue for mpsc::Receiver<Outgoing<R>> {
+    async fn recv(&mut self) -> Option<Bytes> {
+        mpsc::Receiver::recv(self).await.map(|o| o.frame)
+    }
+    fn try_recv(&mut self) -> Option<Bytes> {
+        mpsc::Receiver::try_recv(self).ok().map(|o| o.frame)
+    }
+}
+
 impl FrameQueue for mpsc::UnboundedReceiver<Bytes> {
     async fn recv(&mut self) -> Option<Bytes> {
         mpsc::UnboundedReceiver::recv(self).await
@@ -43,7 +71,32 @@ impl FrameQueue for mpsc::UnboundedReceiver<Bytes> {
 /// frame queued meanwhile goes out with one flush, and a frame of
 /// `WRITE_BUFFER_BYTES` or more is written straight to the socket instead of
 /// being copied into the buffer. Shuts the write side down at the end.
-pub async fn write_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl FrameQueue) {
+///
+/// With `stall`, a write that makes no progress for that long (the peer
+/// does not read) ends the writer as a socket error would; the queue's
+/// senders see it closed.
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    socket: W,
+    queue: impl FrameQueue,
+    stall: Option<Duration>,
+) {
+    match stall {
+        None => write_all_frames(socket, queue).await,
+        Some(limit) => {
+            write_all_frames(
+                Stalling {
+                    inner: socket,
+                    limit,
+                    timer: None,
+                },
+                queue,
+            )
+            .await
+        }
+    }
+}
+
+async fn write_all_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl FrameQueue) {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, socket);
     async fn put<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, frame: &[u8]) -> std::io::Result<()> {
         if frame.len() >= WRITE_BUFFER_BYTES {
@@ -67,6 +120,60 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl Fram
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// A writer whose writes fail with `TimedOut` after `limit` without
+/// progress.
+struct Stalling<W> {
+    inner: W,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<W: AsyncWrite + Unpin> Stalling<W> {
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut W>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match op(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.timer = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer did not read for the stall limit",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stalling<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().guard(cx, |w, cx| w.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |w, cx| w.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |w, cx| w.poll_shutdown(cx))
+    }
 }
 
 /// A read buffer sized by how the peer uses it.

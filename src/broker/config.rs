@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::log::{FlushMode, WritePath};
 use crate::protocol::body::{Backoff, PARTITIONS_MAX};
+use crate::protocol::FRAME_BYTES_MAX;
 
 /// The port `bida serve` listens on by default.
 pub const DEFAULT_PORT: u16 = 7878;
@@ -75,6 +76,18 @@ pub struct BrokerConfig {
     /// A connection with no request, no request in flight and no
     /// subscription for this long is closed. Default: 300,000 ms.
     pub idle_timeout_ms: u64,
+    /// A frame must arrive whole within this long of its first byte (or of
+    /// the previous frame, when frames arrive back to back), and a reply
+    /// the client does not read for this long closes the connection:
+    /// trickled bytes and unread replies cannot hold a connection's memory.
+    /// Default: 30,000 ms.
+    pub frame_timeout_ms: u64,
+    /// Bytes all connections together may hold of large frames (over
+    /// 64 KiB) still arriving; a connection waits for room before reading
+    /// more of one. Bounds the memory of clients that announce huge frames
+    /// and send them slowly. At least `FRAME_BYTES_MAX` (16 MiB).
+    /// Default: 256 MiB.
+    pub frame_memory_max: u64,
     /// The groups log is compacted past this size. Default: 64 MiB.
     pub groups_compact_bytes: u64,
     /// An undecided transaction is first asked back this long after its
@@ -122,6 +135,8 @@ impl Default for BrokerConfig {
             max_connections: 10_000,
             inflight_max: 1024,
             idle_timeout_ms: 300_000,
+            frame_timeout_ms: 30_000,
+            frame_memory_max: 256 << 20,
             groups_compact_bytes: 64 << 20,
             txn_check_after_ms: 6_000,
             txn_check_interval_ms: 5_000,
@@ -151,6 +166,14 @@ impl BrokerConfig {
         }
         if self.unacked_max == 0 || self.unacked_max > u32::MAX as u64 {
             return Err("unacked_max must be 1..=4294967295".into());
+        }
+        if self.frame_timeout_ms == 0 {
+            return Err("frame_timeout_ms must be at least 1".into());
+        }
+        if self.frame_memory_max < FRAME_BYTES_MAX as u64 {
+            return Err(format!(
+                "frame_memory_max must be at least the frame size limit, {FRAME_BYTES_MAX}"
+            ));
         }
         if self.max_connections == 0 || self.inflight_max == 0 {
             return Err("max_connections and inflight_max must be at least 1".into());
@@ -197,6 +220,8 @@ impl BrokerConfig {
             max_connections,
             inflight_max,
             idle_timeout_ms,
+            frame_timeout_ms,
+            frame_memory_max,
             groups_compact_bytes,
             txn_check_after_ms,
             txn_check_interval_ms,
@@ -328,6 +353,8 @@ const FILE_KEYS: &[&str] = &[
     "max_connections",
     "inflight_max",
     "idle_timeout_ms",
+    "frame_timeout_ms",
+    "frame_memory_max",
     "groups_compact_bytes",
     "txn_check_after_ms",
     "txn_check_interval_ms",
@@ -363,6 +390,8 @@ struct FileConfig {
     max_connections: Option<usize>,
     inflight_max: Option<u32>,
     idle_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
+    frame_memory_max: Option<u64>,
     groups_compact_bytes: Option<u64>,
     txn_check_after_ms: Option<u64>,
     txn_check_interval_ms: Option<u64>,

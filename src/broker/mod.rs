@@ -310,6 +310,8 @@ pub struct Broker {
     schedule: Arc<Schedule>,
     metrics: Arc<BrokerMetrics>,
     create_lock: Mutex<()>,
+    /// `frame_memory_max` in KiB: room for large frames still arriving.
+    frame_memory: Arc<tokio::sync::Semaphore>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
     pub stop: Notify,
@@ -335,8 +337,14 @@ impl Broker {
             collector,
         )?;
         let mut schedule_options = log_options(&config);
-        schedule_options.segment_bytes = config.segment_bytes.min(64 << 20);
+        // A scheduled message is the user's record plus a small wrapper;
+        // its segments are at most 64 MiB (a small disk holds them) and
+        // always hold the largest one.
         schedule_options.record_bytes_max = config.record_bytes_max.saturating_add(1024);
+        schedule_options.segment_bytes = config
+            .segment_bytes
+            .min(64 << 20)
+            .max(schedule_options.record_bytes_max as u64);
         schedule_options.retention.age_ms_max = None;
         schedule_options.retention.bytes_max = None;
         let schedule = Arc::new(Schedule::open(
@@ -350,6 +358,9 @@ impl Broker {
                 delayed_max: config.delayed_max,
             },
         )?);
+        let frame_memory_kib = (config.frame_memory_max / 1024)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
+            as usize;
         let broker = Arc::new(Broker {
             config,
             topics,
@@ -357,6 +368,7 @@ impl Broker {
             schedule,
             metrics: Arc::default(),
             create_lock: Mutex::new(()),
+            frame_memory: Arc::new(tokio::sync::Semaphore::new(frame_memory_kib)),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -392,6 +404,11 @@ impl Broker {
     /// Counters and latency histograms (see `metrics.rs`).
     pub fn metrics(&self) -> &BrokerMetrics {
         &self.metrics
+    }
+
+    /// The budget (in KiB) for large frames the TCP edge is reading in.
+    pub fn frame_memory(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.frame_memory
     }
 
     pub fn config(&self) -> &BrokerConfig {

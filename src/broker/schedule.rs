@@ -259,7 +259,7 @@ impl State {
 
 /// A connection registered for a producer group's check-backs.
 struct Registered {
-    tx: mpsc::WeakSender<Bytes>,
+    tx: mpsc::WeakSender<super::server::Outgoing>,
     correlation_id: u64,
 }
 
@@ -739,7 +739,12 @@ impl Schedule {
     }
 
     /// Registers a connection for the check-backs of `group`.
-    pub fn register(&self, group: &str, tx: mpsc::WeakSender<Bytes>, correlation_id: u64) {
+    pub fn register(
+        &self,
+        group: &str,
+        tx: mpsc::WeakSender<super::server::Outgoing>,
+        correlation_id: u64,
+    ) {
         let mut p = self.producers.lock().expect("producers");
         let list = p.entry(group.to_owned()).or_default();
         list.retain(|r| r.tx.strong_count() > 0);
@@ -765,7 +770,7 @@ impl Schedule {
             frame::encode_header(&mut out, Opcode::TxnCheck, FLAG_PUSH, r.correlation_id, 0);
             check.encode(&mut out);
             frame::patch_length(&mut out);
-            if tx.try_send(Bytes::from(out)).is_ok() {
+            if tx.try_send(Bytes::from(out).into()).is_ok() {
                 return true;
             }
         }

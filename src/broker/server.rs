@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,10 +37,16 @@ use crate::protocol::{
 pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
 /// Deliveries in one DELIVER push, at most.
 pub const PUSH_MESSAGES_MAX: u32 = 4096;
+/// Bytes of deliveries (FETCH replies, DELIVER pushes) one connection may
+/// have queued for its writer; more wait until the client reads.
+pub const REPLY_ROOM_BYTES: u32 = 2 * DELIVERY_BYTES_MAX;
 /// Subscriptions one connection may hold.
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 256;
 /// A long poll waits at most this long.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+/// Frames larger than this need room in the broker-wide
+/// `frame_memory_max` budget before the broker reads them in.
+pub const LARGE_FRAME_BYTES: usize = 64 << 10;
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -55,6 +61,12 @@ fn build(
     frame::encode_header(&mut out, opcode, flags, correlation_id, 0);
     body(&mut out);
     frame::patch_length(&mut out);
+    // The buffer grew by doubling: give back what it over-reserved, so a
+    // queued reply holds no more memory than its bytes (the reply room
+    // counts bytes).
+    if out.capacity() - out.len() > out.len() / 4 {
+        out.shrink_to_fit();
+    }
     Bytes::from(out)
 }
 
@@ -133,7 +145,10 @@ struct Subscription {
 
 struct Conn {
     broker: Arc<Broker>,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
+    /// Room (KiB) for deliveries queued to the writer: a client that does
+    /// not read holds at most `REPLY_ROOM_BYTES` of them.
+    reply_room: Arc<Semaphore>,
     inflight: Arc<Semaphore>,
     inflight_max: u32,
     subs: Mutex<HashMap<u64, Arc<Subscription>>>,
@@ -141,10 +156,28 @@ struct Conn {
     authorized: AtomicBool,
 }
 
+/// A frame for the writer, with the reply room it holds until written.
+pub type Outgoing = crate::net::Outgoing<OwnedSemaphorePermit>;
+
 impl Conn {
     async fn send(&self, frame: Bytes) {
         // Fails only once the writer is gone, i.e. the connection is dead.
-        let _ = self.tx.send(frame).await;
+        let _ = self.tx.send(frame.into()).await;
+    }
+
+    /// Sends a frame built in `room` (from [`Conn::room`]).
+    async fn send_in(&self, frame: Bytes, room: Option<OwnedSemaphorePermit>) {
+        let _ = self.tx.send(Outgoing { frame, room }).await;
+    }
+
+    /// Waits for room for a reply of up to `bytes`; `None` once the
+    /// connection is closing.
+    async fn room(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
+        let kib = bytes.div_ceil(1024).clamp(1, REPLY_ROOM_BYTES / 1024);
+        tokio::select! {
+            p = self.reply_room.clone().acquire_many_owned(kib) => p.ok(),
+            _ = self.tx.closed() => None,
+        }
     }
 
     fn reply(&self, h: &FrameHeader, body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
@@ -168,23 +201,35 @@ async fn connection(
     broker.metrics().connection_opened();
     let metrics_broker = broker.clone();
     let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<Bytes>(config.inflight_max as usize + 16);
-    let writer = tokio::spawn(crate::net::write_frames(wr, rx));
+    let (tx, rx) = mpsc::channel::<Outgoing>(config.inflight_max as usize + 16);
+    let stall = Some(Duration::from_millis(config.frame_timeout_ms));
+    let writer = tokio::spawn(crate::net::write_frames(wr, rx, stall));
     let conn = Arc::new(Conn {
         broker,
         tx,
+        reply_room: Arc::new(Semaphore::new(REPLY_ROOM_BYTES as usize / 1024)),
         inflight: Arc::new(Semaphore::new(config.inflight_max as usize)),
         inflight_max: config.inflight_max,
         subs: Mutex::new(HashMap::new()),
         authorized: AtomicBool::new(config.auth_token.is_none()),
     });
     let idle = Duration::from_millis(config.idle_timeout_ms);
+    let frame_timeout = Duration::from_millis(config.frame_timeout_ms);
     let mut reader = crate::net::ReadBuffer::default();
+    // Since when the buffer has held an incomplete frame without a frame
+    // completing: a slowloris client that trickles bytes is closed when
+    // this passes `frame_timeout`, however steadily it trickles.
+    let mut partial_since: Option<Instant> = None;
+    // Room in the broker-wide budget for the large frame now arriving.
+    let mut frame_room: Option<OwnedSemaphorePermit> = None;
     'connection: loop {
+        let mut completed = false;
         loop {
             match frame::decode_header(&reader.buf) {
                 Ok(Some(h)) if reader.buf.len() >= FRAME_HEADER_LEN + h.body_len => {
+                    completed = true;
                     let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
+                    frame_room = None;
                     let body = whole.slice(FRAME_HEADER_LEN..);
                     let permit = match conn.inflight.clone().acquire_owned().await {
                         Ok(p) => p,
@@ -198,9 +243,38 @@ async fn connection(
                     }
                 }
                 Ok(Some(h)) => {
-                    reader
-                        .buf
-                        .reserve(FRAME_HEADER_LEN + h.body_len - reader.buf.len());
+                    let total = FRAME_HEADER_LEN + h.body_len;
+                    if total > LARGE_FRAME_BYTES && frame_room.is_none() {
+                        // Room for the whole frame before reading more of
+                        // it, waiting no longer than the frame may take.
+                        let since = *partial_since.get_or_insert_with(Instant::now);
+                        let room = conn.broker.frame_memory().clone();
+                        let kib = total.div_ceil(1024) as u32;
+                        match tokio::time::timeout_at(
+                            (since + frame_timeout).into(),
+                            room.acquire_many_owned(kib),
+                        )
+                        .await
+                        {
+                            Ok(Ok(p)) => frame_room = Some(p),
+                            _ => {
+                                tracing::debug!(
+                                    ?peer,
+                                    "closing connection: no memory for its large frame in time"
+                                );
+                                conn.send(error_frame(
+                                    h.correlation_id,
+                                    ErrorCode::FrameTimeout,
+                                    "the broker had no room for this large frame in time",
+                                ))
+                                .await;
+                                break 'connection;
+                            }
+                        }
+                    }
+                    if frame_room.is_some() || total <= LARGE_FRAME_BYTES {
+                        reader.buf.reserve(total - reader.buf.len());
+                    }
                     break;
                 }
                 Ok(None) => break,
@@ -211,6 +285,16 @@ async fn connection(
                 }
             }
         }
+        partial_since = match partial_since {
+            _ if reader.buf.is_empty() => None,
+            Some(_) if completed => Some(Instant::now()),
+            None => Some(Instant::now()),
+            since => since,
+        };
+        let deadline = match partial_since {
+            Some(since) => since + frame_timeout,
+            None => Instant::now() + idle,
+        };
         // Read as much as the socket has, not one frame at a time: every
         // extra wake-up costs more than the copy.
         reader.prepare();
@@ -223,7 +307,23 @@ async fn connection(
                 conn.send(error_frame(0, ErrorCode::ShuttingDown, "the broker is stopping")).await;
                 break;
             }
-            _ = tokio::time::sleep(idle) => {
+            // The writer stopped: the client did not read its replies
+            // within `frame_timeout`, or the socket failed.
+            _ = conn.tx.closed() => {
+                tracing::debug!(?peer, "closing connection: its replies are not being read");
+                break;
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if partial_since.is_some() {
+                    tracing::debug!(?peer, "closing connection: a frame did not arrive whole in time");
+                    conn.send(error_frame(
+                        0,
+                        ErrorCode::FrameTimeout,
+                        format!("a frame did not arrive whole within {} ms", config.frame_timeout_ms),
+                    ))
+                    .await;
+                    break;
+                }
                 if conn.idle() {
                     tracing::debug!(?peer, "closing idle connection");
                     break;
@@ -396,8 +496,11 @@ async fn dispatch(
             let req = Fetch::decode(&body)?;
             let conn = conn.clone();
             tokio::spawn(async move {
+                let Some(room) = conn.room(req.max_bytes.min(DELIVERY_BYTES_MAX)).await else {
+                    return;
+                };
                 let frame = fetch(&conn.broker, &h, &req).await;
-                conn.send(frame).await;
+                conn.send_in(frame, Some(room)).await;
                 drop(permit);
             });
             return Ok(());
@@ -592,6 +695,12 @@ fn deliveries_frame(opcode: Opcode, flags: u16, correlation_id: u64) -> Vec<u8> 
 fn finish_deliveries(mut out: Vec<u8>, count: u32) -> Bytes {
     out[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&count.to_le_bytes());
     frame::patch_length(&mut out);
+    // The buffer grew by doubling: give back what it over-reserved, so a
+    // queued reply holds no more memory than its bytes (the reply room
+    // counts bytes).
+    if out.capacity() - out.len() > out.len() / 4 {
+        out.shrink_to_fit();
+    }
     Bytes::from(out)
 }
 
@@ -666,6 +775,9 @@ async fn push_loop(
         let appended = topic.appended.notified();
         tokio::pin!(appended);
         appended.as_mut().enable();
+        let Some(room) = conn.room(DELIVERY_BYTES_MAX).await else {
+            return;
+        };
         let mut out = deliveries_frame(Opcode::Deliver, FLAG_PUSH, correlation_id);
         let max = credit.min(PUSH_MESSAGES_MAX);
         match conn
@@ -696,7 +808,7 @@ async fn push_loop(
             }
             Ok(n) => {
                 sub.credit.fetch_sub(n, Ordering::AcqRel);
-                conn.send(finish_deliveries(out, n)).await;
+                conn.send_in(finish_deliveries(out, n), Some(room)).await;
             }
         }
     }

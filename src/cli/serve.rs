@@ -71,6 +71,14 @@ pub struct Args {
     /// long [default: 300000]
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// A frame must arrive whole, and a reply be read by the client,
+    /// within this many ms [default: 30000]
+    #[arg(long)]
+    pub frame_timeout_ms: Option<u64>,
+    /// Bytes all connections may hold of large frames still arriving
+    /// [default: 268435456]
+    #[arg(long)]
+    pub frame_memory_max: Option<u64>,
     /// Inner-msg-ids remembered per partition for dedup [default: 2000000]
     #[arg(long)]
     pub dedup_window_ids: Option<u64>,
@@ -133,6 +141,8 @@ impl Args {
             max_connections,
             inflight_max,
             idle_timeout_ms,
+            frame_timeout_ms,
+            frame_memory_max,
             dedup_window_ids,
             txn_check_after_ms,
             txn_check_interval_ms,
@@ -144,7 +154,7 @@ impl Args {
 }
 
 /// Lets the broker hold as many sockets as the hard limit allows.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.current < limit.maximum {

@@ -85,7 +85,7 @@ impl Connection {
         let pushes: Pushes = Arc::default();
         let checks: Checks = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        tokio::spawn(crate::net::write_frames(wr, rx));
+        tokio::spawn(crate::net::write_frames(wr, rx, None));
         {
             let pending = pending.clone();
             let pushes = pushes.clone();

@@ -77,6 +77,10 @@ error_codes! {
     /// The broker requires a token: HELLO had none or a wrong one, or a
     /// request came before HELLO. Closes the connection.
     Unauthorized = 7,
+    /// A frame did not arrive whole within the broker's frame timeout, or
+    /// the broker had no memory for a large frame within it. Closes the
+    /// connection.
+    FrameTimeout = 8,
     UnknownTopic = 100,
     TopicExists = 101,
     InvalidTopicName = 102,
