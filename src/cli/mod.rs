@@ -1,6 +1,7 @@
 //! Subcommands of the `bida` binary.
 
 mod append;
+mod attack;
 mod bench;
 mod consume;
 mod inspect;
@@ -64,6 +65,9 @@ enum Command {
     /// SIGKILL a broker at random moments under load and check that no
     /// acked message is lost or stored twice.
     Torture(torture::Args),
+    /// Behave like a hostile client (slowloris, idle, never-reading, huge
+    /// frames, connection floods) against a broker, and report what it did.
+    Attack(attack::Args),
 }
 
 /// How appends are acknowledged.
@@ -184,5 +188,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Append(args) => append::run(args),
         Command::Read(args) => read::run(args),
         Command::Torture(args) => torture::run(args),
+        Command::Attack(args) => attack::run(args),
     }
 }

@@ -1,0 +1,366 @@
+//! Hostile clients against a real broker process: slowloris, frames that
+//! announce 16 MiB and stall, a thousand idle connections, clients that
+//! never read their replies, connection floods. Each attack is `bida
+//! attack` (the same command docs/RELIABILITY.md measures with); each test
+//! checks that the broker cut the attacker off as documented, that its
+//! anonymous memory stayed within the documented bound (sampled while the
+//! attack ran), and that a well-behaved client was served meanwhile.
+//! Throughput under attack is measured by scripts/hostile.sh, not here.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bida::client::{Client, Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use bida::protocol::ErrorCode;
+use serde_json::Value;
+
+use support::broker::BrokerProcess;
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `bida attack --json` to completion and returns its report.
+fn attack(broker: SocketAddr, kind: &str, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_bida"))
+        .args(["attack", "--json", "--kind", kind, "--broker"])
+        .arg(broker.to_string())
+        .args(extra)
+        .output()
+        .expect("run bida attack");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+fn count(report: &Value, field: &str) -> u64 {
+    report[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {report}"))
+}
+
+fn errors(report: &Value, code: ErrorCode) -> u64 {
+    report["errors"][(code as u16).to_string()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Samples the broker's anonymous memory (`RssAnon`) every 20 ms until
+/// dropped; `peak()` is the largest sample.
+struct RssSampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_anon(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        RssSampler {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn peak(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+fn rss_anon(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// A well-behaved producer and consumer: `n` messages sent one batch of
+/// 100 at a time, then all consumed. Panics if any is lost or the whole
+/// exchange takes more than a minute.
+async fn well_behaved(addr: SocketAddr, topic: &str, n: u64) {
+    let started = Instant::now();
+    let client = Client::connect(addr).await.expect("connect");
+    let producer = Producer::new(client.clone(), topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    for chunk in 0..n / 100 {
+        let mut sends = Vec::new();
+        for i in 0..100 {
+            let payload = format!("m{}", chunk * 100 + i).into_bytes();
+            sends.push(producer.send(OutgoingMessage::new(payload)));
+        }
+        for s in sends {
+            s.await.expect("acked while under attack");
+        }
+    }
+    let consumer = Consumer::new(
+        client,
+        topic,
+        "good",
+        ConsumerOptions {
+            max_wait: Duration::from_millis(100),
+            ..ConsumerOptions::default()
+        },
+    );
+    let mut seen = HashSet::new();
+    while (seen.len() as u64) < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} of {n}",
+            seen.len()
+        );
+        let batch = consumer.fetch().await.expect("fetch while under attack");
+        consumer
+            .ack(&batch.iter().collect::<Vec<_>>())
+            .await
+            .expect("ack");
+        seen.extend(batch.into_iter().map(|d| d.payload));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_stalled_huge_frames_are_cut_off_at_the_frame_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two 16 MiB frames at a time.
+    let broker = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--frame-timeout-ms",
+            "1000",
+            "--frame-memory-max",
+            "33554432",
+        ],
+    );
+    let addr = broker.addr;
+
+    // 50 connections each trickle a byte every 100 ms: never idle, never a
+    // whole frame.
+    let slow = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "slowloris",
+            &["--connections", "50", "--duration-s", "4"],
+        )
+    });
+    well_behaved(addr, "calm", 2_000).await;
+    let report = slow.await.unwrap();
+    assert_eq!(count(&report, "connections"), 50, "{report}");
+    assert_eq!(count(&report, "closed_by_broker"), 50, "{report}");
+    assert_eq!(errors(&report, ErrorCode::FrameTimeout), 50, "{report}");
+    assert!(
+        count(&report, "close_after_ms_p50") >= 1000,
+        "closed by the frame timeout, not before it: {report}"
+    );
+
+    // 20 connections announce 16 MiB frames, send 8 MiB of each and stall.
+    // Without the shared budget the broker would hold 20 x 8 MiB of them.
+    let before = rss_anon(broker.child.id());
+    let sampler = RssSampler::start(broker.child.id());
+    let huge = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "huge",
+            &[
+                "--connections",
+                "20",
+                "--send-bytes",
+                "8388608",
+                "--duration-s",
+                "4",
+            ],
+        )
+    });
+    well_behaved(addr, "calm2", 2_000).await;
+    let report = huge.await.unwrap();
+    let peak = sampler.peak();
+    eprintln!(
+        "huge frames: anonymous memory {} MiB before, {} MiB at the peak",
+        before / MIB,
+        peak / MIB
+    );
+    assert_eq!(count(&report, "closed_by_broker"), 20, "{report}");
+    assert!(
+        peak < before + 32 * MIB + 48 * MIB,
+        "the 32 MiB frame budget bounds memory: {} MiB over {} MiB",
+        (peak - before) / MIB,
+        before / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_cost_little_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr;
+    let before = rss_anon(broker.child.id());
+    let idle = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "idle",
+            &["--connections", "1000", "--duration-s", "5"],
+        )
+    });
+    // Let every connection open, then measure while all are held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = rss_anon(broker.child.id());
+    well_behaved(addr, "calm", 2_000).await;
+    let report = idle.await.unwrap();
+    assert_eq!(count(&report, "connections"), 1000, "{report}");
+    assert_eq!(count(&report, "closed_by_broker"), 0, "{report}");
+    let per_connection = held.saturating_sub(before) / 1000;
+    eprintln!(
+        "1,000 idle connections: anonymous memory {} MiB before, {} MiB held ({} KiB each)",
+        before / MIB,
+        held / MIB,
+        per_connection / 1024
+    );
+    assert!(
+        per_connection < 64 << 10,
+        "an idle connection costs {per_connection} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_closed_and_their_replies_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--frame-timeout-ms", "1000"]);
+    let addr = broker.addr;
+    // 80 MiB for the attackers to fetch: each of their groups would get all
+    // of it without the per-connection reply room.
+    let fill = Command::new(env!("CARGO_BIN_EXE_bida"))
+        .args([
+            "bench",
+            "--consumers",
+            "0",
+            "--topic",
+            "attack",
+            "--size",
+            "1024",
+        ])
+        .args(["--count", "80000", "--broker"])
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        fill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fill.stderr)
+    );
+    let before = rss_anon(broker.child.id());
+    let sampler = RssSampler::start(broker.child.id());
+    let noread = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "no-read",
+            &[
+                "--connections",
+                "4",
+                "--topic",
+                "attack",
+                "--duration-s",
+                "4",
+            ],
+        )
+    });
+    well_behaved(addr, "calm", 2_000).await;
+    let report = noread.await.unwrap();
+    let peak = sampler.peak();
+    eprintln!(
+        "4 never-reading clients: anonymous memory {} MiB before, {} MiB at the peak",
+        before / MIB,
+        peak / MIB
+    );
+    assert_eq!(count(&report, "closed_by_broker"), 4, "{report}");
+    // Each holds at most 16 MiB queued plus the 8 MiB reply being written.
+    assert!(
+        peak < before + 4 * 24 * MIB + 48 * MIB,
+        "{} MiB over {} MiB",
+        (peak - before) / MIB,
+        before / MIB
+    );
+    // The attackers' groups got data, and a well-behaved group still
+    // reads the whole topic.
+    let client = Client::connect(addr).await.unwrap();
+    let consumer = Consumer::new(
+        client,
+        "attack",
+        "after",
+        ConsumerOptions {
+            max_messages: 10_000,
+            max_wait: Duration::from_millis(100),
+            ..ConsumerOptions::default()
+        },
+    );
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < 80_000 {
+        assert!(Instant::now() < deadline, "read {got} of 80000");
+        got += consumer.fetch().await.unwrap().len();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_refused_past_the_limit_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &["--max-connections", "64"]);
+    let addr = broker.addr;
+    let before = rss_anon(broker.child.id());
+    let flood = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "flood",
+            &["--connections", "200", "--duration-s", "3"],
+        )
+    });
+    let report = flood.await.unwrap();
+    assert!(count(&report, "pings_answered") > 0, "{report}");
+    assert!(
+        errors(&report, ErrorCode::TooManyConnections) > 0,
+        "200 concurrent connect loops exceed 64 connections: {report}"
+    );
+    // Once the flood stops every slot comes back.
+    let mut clients = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients.len() < 60 {
+        assert!(Instant::now() < deadline, "{} slots back", clients.len());
+        match Client::connect(addr).await {
+            Ok(c) if c.request(bida::protocol::Opcode::Ping, &[]).await.is_ok() => clients.push(c),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    drop(clients);
+    well_behaved(addr, "calm", 1_000).await;
+    let after = rss_anon(broker.child.id());
+    eprintln!(
+        "flood of {} connections: anonymous memory {} MiB before, {} MiB after",
+        count(&report, "connections"),
+        before / MIB,
+        after / MIB
+    );
+    assert!(after < before + 64 * MIB, "{} MiB after", after / MIB);
+}
