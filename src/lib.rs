@@ -9,8 +9,10 @@
 //! - [`broker`]: topics, partitions, consumer groups, and the TCP server.
 //! - [`client`]: the Rust client: producer with retries, consumer, and the
 //!   idempotent-consumer helper.
+//! - [`tls`]: optional TLS (rustls) around the protocol and the admin
+//!   listener.
 //! - `cli` (in the binary): `bida serve`, `produce`, `consume`, `topics`,
-//!   `bench`, `inspect`, `append`, `read`.
+//!   `bench`, `inspect`, `append`, `read`, `torture`, `attack`.
 //!
 //! See `docs/ARCHITECTURE.md`.
 
@@ -19,3 +21,4 @@ pub mod client;
 pub mod log;
 pub mod net;
 pub mod protocol;
+pub mod tls;

@@ -438,12 +438,17 @@ async fn purge(
     }))
 }
 
-/// Serves the admin routes on `listener` until `shutdown` completes.
-pub async fn serve(
+/// Serves the admin routes on `listener` (plain TCP, or
+/// [`crate::tls::TlsListener`]) until `shutdown` completes.
+pub async fn serve<L>(
     broker: Arc<Broker>,
-    listener: tokio::net::TcpListener,
+    listener: L,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(broker))
         .with_graceful_shutdown(shutdown)
         .await

@@ -88,6 +88,11 @@ pub struct BrokerConfig {
     /// and send them slowly. At least `FRAME_BYTES_MAX` (16 MiB).
     /// Default: 256 MiB.
     pub frame_memory_max: u64,
+    /// A PEM certificate chain and its PEM private key: with both, the
+    /// client listener and the admin listener speak only TLS. Default:
+    /// none (plain TCP).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// The groups log is compacted past this size. Default: 64 MiB.
     pub groups_compact_bytes: u64,
     /// An undecided transaction is first asked back this long after its
@@ -137,6 +142,8 @@ impl Default for BrokerConfig {
             idle_timeout_ms: 300_000,
             frame_timeout_ms: 30_000,
             frame_memory_max: 256 << 20,
+            tls_cert: None,
+            tls_key: None,
             groups_compact_bytes: 64 << 20,
             txn_check_after_ms: 6_000,
             txn_check_interval_ms: 5_000,
@@ -166,6 +173,9 @@ impl BrokerConfig {
         }
         if self.unacked_max == 0 || self.unacked_max > u32::MAX as u64 {
             return Err("unacked_max must be 1..=4294967295".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together: give both or neither".into());
         }
         if self.frame_timeout_ms == 0 {
             return Err("frame_timeout_ms must be at least 1".into());
@@ -229,6 +239,12 @@ impl BrokerConfig {
             txn_open_max,
             delayed_max
         );
+        if let Some(v) = f.tls_cert {
+            self.tls_cert = (!v.as_os_str().is_empty()).then_some(v);
+        }
+        if let Some(v) = f.tls_key {
+            self.tls_key = (!v.as_os_str().is_empty()).then_some(v);
+        }
         if let Some(v) = f.auth_token {
             self.auth_token = (!v.is_empty()).then_some(v);
         }
@@ -355,6 +371,8 @@ const FILE_KEYS: &[&str] = &[
     "idle_timeout_ms",
     "frame_timeout_ms",
     "frame_memory_max",
+    "tls_cert",
+    "tls_key",
     "groups_compact_bytes",
     "txn_check_after_ms",
     "txn_check_interval_ms",
@@ -392,6 +410,8 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
     frame_memory_max: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     groups_compact_bytes: Option<u64>,
     txn_check_after_ms: Option<u64>,
     txn_check_interval_ms: Option<u64>,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -32,6 +32,7 @@ use crate::protocol::txn;
 use crate::protocol::{
     ErrorCode, FrameHeader, Opcode, WireError, FRAME_BYTES_MAX, FRAME_HEADER_LEN,
 };
+use crate::tls::TlsAcceptor;
 
 /// Bytes of deliveries in one FETCH reply or DELIVER push, at most.
 pub const DELIVERY_BYTES_MAX: u32 = 8 << 20;
@@ -79,7 +80,15 @@ fn error_frame(correlation_id: u64, code: ErrorCode, message: impl Into<String>)
 /// Accepts connections until `shutdown` completes, then stops every
 /// connection (each is told with a SHUTTING_DOWN error) and waits up to
 /// five seconds for them. The caller closes the broker afterwards.
-pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+///
+/// With `tls`, every connection runs its handshake first (bounded by the
+/// frame timeout) and the frames travel inside TLS.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let config = broker.config().clone();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -99,11 +108,30 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener, shutdown: impl Fu
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        tasks.spawn(connection(broker.clone(), stream, permit, stop_rx.clone()));
+                let peer = stream.peer_addr().ok();
+                match (limit.clone().try_acquire_owned(), &tls) {
+                    (Ok(permit), None) => {
+                        let (rd, wr) = stream.into_split();
+                        tasks.spawn(connection(broker.clone(), rd, wr, peer, permit, stop_rx.clone()));
                     }
-                    Err(_) => {
+                    (Ok(permit), Some(acceptor)) => {
+                        let (acceptor, broker, stop) = (acceptor.clone(), broker.clone(), stop_rx.clone());
+                        let handshake = Duration::from_millis(config.frame_timeout_ms);
+                        tasks.spawn(async move {
+                            match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => {
+                                    let (rd, wr) = tokio::io::split(tls);
+                                    connection(broker, rd, wr, peer, permit, stop).await;
+                                }
+                                Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                    // Over TLS an error frame could not be read before a
+                    // handshake: refuse by closing.
+                    (Err(_), Some(_)) => drop(stream),
+                    (Err(_), None) => {
                         tasks.spawn(refuse(stream, config.max_connections));
                     }
                 }
@@ -190,17 +218,20 @@ impl Conn {
     }
 }
 
-async fn connection(
+async fn connection<R, W>(
     broker: Arc<Broker>,
-    stream: TcpStream,
+    mut rd: R,
+    wr: W,
+    peer: Option<std::net::SocketAddr>,
     _permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
-) {
-    let peer = stream.peer_addr().ok();
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let config = broker.config().clone();
     broker.metrics().connection_opened();
     let metrics_broker = broker.clone();
-    let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Outgoing>(config.inflight_max as usize + 16);
     let stall = Some(Duration::from_millis(config.frame_timeout_ms));
     let writer = tokio::spawn(crate::net::write_frames(wr, rx, stall));

@@ -249,7 +249,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let b = broker.clone();
             let task = tokio::spawn(async move {
-                server::serve(b, listener, async {
+                server::serve(b, listener, None, async {
                     let _ = stop_rx.await;
                 })
                 .await;
@@ -362,7 +362,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     for _ in 0..args.producers {
         let Some(txn) = args.txn else { break };
         let producer = Arc::new(
-            TransactionalProducer::connect_with_token(addr, super::token(), "bida-bench", |_| {
+            TransactionalProducer::with_client(super::connect(addr).await?, "bida-bench", |_| {
                 Decision::Unknown
             })
             .await?,

@@ -33,6 +33,14 @@ pub struct Cli {
     /// topics, bench)
     #[arg(long, global = true, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Speak TLS to the broker, trusting the CA certificate(s) in this PEM
+    /// file (produce, consume, topics, bench)
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca: the name the broker's certificate must carry
+    /// [default: the broker's IP address]
+    #[arg(long, global = true, requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,15 +177,40 @@ pub fn token() -> Option<&'static str> {
     TOKEN.get().and_then(|t| t.as_deref())
 }
 
-/// Connects a client subcommand to `addr`, with `--token` if given.
+/// `--tls-ca` and `--tls-server-name`.
+static TLS: std::sync::OnceLock<Option<(PathBuf, Option<String>)>> = std::sync::OnceLock::new();
+
+/// How client subcommands connect to `addr`: `--token`, `--tls-ca`.
+pub fn connect_options(
+    addr: std::net::SocketAddr,
+) -> Result<bida::client::ConnectOptions, bida::client::ClientError> {
+    let tls = match TLS.get().and_then(|t| t.as_ref()) {
+        None => None,
+        Some((ca, name)) => {
+            let name = name.clone().unwrap_or_else(|| addr.ip().to_string());
+            Some(
+                bida::tls::ClientTls::from_ca_file(ca, &name)
+                    .map_err(|e| bida::client::ClientError::Invalid(e.to_string()))?,
+            )
+        }
+    };
+    Ok(bida::client::ConnectOptions {
+        token: token().map(str::to_owned),
+        tls,
+    })
+}
+
+/// Connects a client subcommand to `addr`, with `--token` and `--tls-ca`
+/// if given.
 pub async fn connect(
     addr: std::net::SocketAddr,
 ) -> Result<std::sync::Arc<bida::client::Client>, bida::client::ClientError> {
-    bida::client::Client::connect_with_token(addr, token()).await
+    bida::client::Client::connect_with(addr, connect_options(addr)?).await
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let _ = TOKEN.set(cli.token.filter(|t| !t.is_empty()));
+    let _ = TLS.set(cli.tls_ca.map(|ca| (ca, cli.tls_server_name)));
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Produce(args) => produce::run(args),

@@ -29,6 +29,13 @@ pub struct Args {
     /// Bearer TOKEN` on the admin listener [default: none]
     #[arg(long, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// PEM certificate chain: with --tls-key, the client and admin
+    /// listeners speak only TLS [default: none]
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [default: none]
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// When a produce is acked: sync = once durable, async = at once,
     /// flushed in the background [default: sync]
     #[arg(long, value_enum)]
@@ -116,6 +123,10 @@ impl Args {
         if let Some(v) = &self.auth_token {
             c.auth_token = (!v.is_empty()).then(|| v.clone());
         }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.tls_cert = Some(cert.clone());
+            c.tls_key = Some(key.clone());
+        }
         if let Some(f) = self.flush {
             let mode = match f {
                 FlushArg::Sync => "sync",
@@ -165,6 +176,11 @@ pub(crate) fn raise_fd_limit() {
 
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = args.config()?;
+    // A bad certificate or key stops the start, before any data is opened.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(bida::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -191,16 +207,27 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let l = tokio::net::TcpListener::bind(a)
                     .await
                     .map_err(|e| format!("admin listener on {a}: {e}"))?;
-                println!("bida: admin on http://{}", l.local_addr()?);
-                Some(tokio::spawn(admin::serve(broker.clone(), l, async {
+                let stopped = async {
                     let _ = admin_stopped.await;
-                })))
+                };
+                Some(match &tls {
+                    None => {
+                        println!("bida: admin on http://{}", l.local_addr()?);
+                        tokio::spawn(admin::serve(broker.clone(), l, stopped))
+                    }
+                    Some(acceptor) => {
+                        println!("bida: admin on https://{}", l.local_addr()?);
+                        let handshake = std::time::Duration::from_millis(config.frame_timeout_ms);
+                        let l = bida::tls::TlsListener::new(l, acceptor.clone(), handshake)?;
+                        tokio::spawn(admin::serve(broker.clone(), l, stopped))
+                    }
+                })
             }
             None => None,
         };
         use std::io::Write;
         std::io::stdout().flush()?;
-        server::serve(broker.clone(), listener, shutdown_signal()).await;
+        server::serve(broker.clone(), listener, tls, shutdown_signal()).await;
         let _ = admin_stop.send(());
         if let Some(a) = admin {
             let _ = a.await;

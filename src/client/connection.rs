@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::ClientError;
+use super::{ClientError, ConnectOptions};
 use crate::protocol::body::{decode_deliveries, Delivery, ErrorBody, Hello, HelloReply};
 use crate::protocol::frame::{self, VERSION};
 use crate::protocol::txn::Check;
@@ -63,7 +63,7 @@ pub struct Connection {
 impl Connection {
     /// Connects and says HELLO.
     pub async fn connect(addr: SocketAddr) -> Result<Arc<Connection>, ClientError> {
-        Connection::connect_with_token(addr, None).await
+        Connection::connect_with(addr, &ConnectOptions::default()).await
     }
 
     /// Connects and says HELLO with `token`, for a broker started with
@@ -72,14 +72,47 @@ impl Connection {
         addr: SocketAddr,
         token: Option<&str>,
     ) -> Result<Arc<Connection>, ClientError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr,
-                source: Arc::new(source),
-            })?;
+        let options = ConnectOptions {
+            token: token.map(str::to_owned),
+            ..ConnectOptions::default()
+        };
+        Connection::connect_with(addr, &options).await
+    }
+
+    /// Connects (over TLS when `options.tls` is set) and says HELLO with
+    /// `options.token`.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        options: &ConnectOptions,
+    ) -> Result<Arc<Connection>, ClientError> {
+        let connect_error = |source: std::io::Error| ClientError::Connect {
+            addr,
+            source: Arc::new(source),
+        };
+        let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+        match &options.tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                Connection::start(rd, wr, options.token.as_deref()).await
+            }
+            Some(tls) => {
+                let stream = tls.connect(stream).await.map_err(connect_error)?;
+                let (rd, wr) = tokio::io::split(stream);
+                Connection::start(rd, wr, options.token.as_deref()).await
+            }
+        }
+    }
+
+    async fn start<R, W>(
+        mut rd: R,
+        wr: W,
+        token: Option<&str>,
+    ) -> Result<Arc<Connection>, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let pending: Pending = Arc::default();
         let pushes: Pushes = Arc::default();
@@ -261,7 +294,7 @@ impl Connection {
 }
 
 async fn read_loop(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut (impl AsyncRead + Unpin),
     pending: &Pending,
     pushes: &Pushes,
     checks: &Checks,

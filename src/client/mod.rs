@@ -95,10 +95,20 @@ impl ClientError {
     }
 }
 
+/// How to reach a broker beyond its address.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// For a broker started with `--auth-token`: sent in HELLO.
+    pub token: Option<String>,
+    /// For a broker started with `--tls-cert`: the CA to trust and the
+    /// name to expect ([`crate::tls::ClientTls`]).
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
 /// A connection that is re-established on the next call after it breaks.
 pub struct Client {
     addr: SocketAddr,
-    token: Option<String>,
+    options: ConnectOptions,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
@@ -114,10 +124,23 @@ impl Client {
         addr: SocketAddr,
         token: Option<&str>,
     ) -> Result<Arc<Client>, ClientError> {
-        let conn = Connection::connect_with_token(addr, token).await?;
+        let options = ConnectOptions {
+            token: token.map(str::to_owned),
+            ..ConnectOptions::default()
+        };
+        Client::connect_with(addr, options).await
+    }
+
+    /// Connects with a token and/or TLS; every reconnection uses them
+    /// again.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<Arc<Client>, ClientError> {
+        let conn = Connection::connect_with(addr, &options).await?;
         Ok(Arc::new(Client {
             addr,
-            token: token.map(str::to_owned),
+            options,
             current: tokio::sync::Mutex::new(Some(conn)),
         }))
     }
@@ -134,7 +157,7 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let c = Connection::connect_with_token(self.addr, self.token.as_deref()).await?;
+        let c = Connection::connect_with(self.addr, &self.options).await?;
         *current = Some(c.clone());
         Ok(c)
     }

@@ -208,8 +208,18 @@ impl TransactionalProducer {
         group: &str,
         checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
     ) -> Result<TransactionalProducer, ClientError> {
-        crate::protocol::body::check_name("group", group).map_err(ClientError::Invalid)?;
         let client = Client::connect_with_token(addr, token).await?;
+        TransactionalProducer::with_client(client, group, checker).await
+    }
+
+    /// As [`TransactionalProducer::connect`], on a client already connected
+    /// (with whatever token or TLS it uses).
+    pub async fn with_client(
+        client: Arc<Client>,
+        group: &str,
+        checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
+    ) -> Result<TransactionalProducer, ClientError> {
+        crate::protocol::body::check_name("group", group).map_err(ClientError::Invalid)?;
         let checker: Checker = Arc::new(checker);
         // Registered before returning, so a check can reach us at once.
         let first = client

@@ -65,6 +65,7 @@ impl BrokerProcess {
             .expect("the broker printed its admin address");
         let admin = line
             .strip_prefix("bida: admin on http://")
+            .or_else(|| line.strip_prefix("bida: admin on https://"))
             .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
             .parse()
             .expect("an address");
