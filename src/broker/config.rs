@@ -76,6 +76,10 @@ pub struct BrokerConfig {
     /// A connection with no request, no request in flight and no
     /// subscription for this long is closed. Default: 300,000 ms.
     pub idle_timeout_ms: u64,
+    /// Longest frame a client may send (its `length` field); longer gets
+    /// FRAME_TOO_LARGE and a close. HELLO tells the client. 64 KiB ..=
+    /// 16 MiB (`FRAME_BYTES_MAX`). Default: 16 MiB.
+    pub frame_bytes_max: u32,
     /// A frame must arrive whole within this long of its first byte (or of
     /// the previous frame, when frames arrive back to back), and a reply
     /// the client does not read for this long closes the connection:
@@ -83,10 +87,11 @@ pub struct BrokerConfig {
     /// Default: 30,000 ms.
     pub frame_timeout_ms: u64,
     /// Bytes all connections together may hold of large frames (over
-    /// 64 KiB) still arriving; a connection waits for room before reading
-    /// more of one. Bounds the memory of clients that announce huge frames
-    /// and send them slowly. At least `FRAME_BYTES_MAX` (16 MiB).
-    /// Default: 256 MiB.
+    /// 64 KiB) still arriving, taken 1 MiB at a time as bytes arrive; a
+    /// connection waits for room before reading more of one, evicting
+    /// connections whose large frame has stalled for 250 ms. Bounds the memory
+    /// of clients that announce huge frames and send them slowly or not at
+    /// all. At least `FRAME_BYTES_MAX` (16 MiB). Default: 256 MiB.
     pub frame_memory_max: u64,
     /// A PEM certificate chain and its PEM private key: with both, the
     /// client listener and the admin listener speak only TLS. Default:
@@ -140,6 +145,7 @@ impl Default for BrokerConfig {
             max_connections: 10_000,
             inflight_max: 1024,
             idle_timeout_ms: 300_000,
+            frame_bytes_max: FRAME_BYTES_MAX as u32,
             frame_timeout_ms: 30_000,
             frame_memory_max: 256 << 20,
             tls_cert: None,
@@ -176,6 +182,12 @@ impl BrokerConfig {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key go together: give both or neither".into());
+        }
+        if !(64 << 10..=FRAME_BYTES_MAX as u32).contains(&self.frame_bytes_max) {
+            return Err(format!(
+                "frame_bytes_max must be 65536..={FRAME_BYTES_MAX}, got {}",
+                self.frame_bytes_max
+            ));
         }
         if self.frame_timeout_ms == 0 {
             return Err("frame_timeout_ms must be at least 1".into());
@@ -230,6 +242,7 @@ impl BrokerConfig {
             max_connections,
             inflight_max,
             idle_timeout_ms,
+            frame_bytes_max,
             frame_timeout_ms,
             frame_memory_max,
             groups_compact_bytes,
@@ -369,6 +382,7 @@ const FILE_KEYS: &[&str] = &[
     "max_connections",
     "inflight_max",
     "idle_timeout_ms",
+    "frame_bytes_max",
     "frame_timeout_ms",
     "frame_memory_max",
     "tls_cert",
@@ -408,6 +422,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     inflight_max: Option<u32>,
     idle_timeout_ms: Option<u64>,
+    frame_bytes_max: Option<u32>,
     frame_timeout_ms: Option<u64>,
     frame_memory_max: Option<u64>,
     tls_cert: Option<PathBuf>,

@@ -310,8 +310,8 @@ pub struct Broker {
     schedule: Arc<Schedule>,
     metrics: Arc<BrokerMetrics>,
     create_lock: Mutex<()>,
-    /// `frame_memory_max` in KiB: room for large frames still arriving.
-    frame_memory: Arc<tokio::sync::Semaphore>,
+    /// `frame_memory_max`: room for large frames still arriving.
+    frame_room: Arc<server::FrameRoom>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
     pub stop: Notify,
@@ -358,9 +358,7 @@ impl Broker {
                 delayed_max: config.delayed_max,
             },
         )?);
-        let frame_memory_kib = (config.frame_memory_max / 1024)
-            .min(tokio::sync::Semaphore::MAX_PERMITS as u64)
-            as usize;
+        let frame_room = Arc::new(server::FrameRoom::new(config.frame_memory_max));
         let broker = Arc::new(Broker {
             config,
             topics,
@@ -368,7 +366,7 @@ impl Broker {
             schedule,
             metrics: Arc::default(),
             create_lock: Mutex::new(()),
-            frame_memory: Arc::new(tokio::sync::Semaphore::new(frame_memory_kib)),
+            frame_room,
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -406,9 +404,9 @@ impl Broker {
         &self.metrics
     }
 
-    /// The budget (in KiB) for large frames the TCP edge is reading in.
-    pub fn frame_memory(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.frame_memory
+    /// The budget for large frames the TCP edge is reading in.
+    pub fn frame_room(&self) -> &Arc<server::FrameRoom> {
+        &self.frame_room
     }
 
     pub fn config(&self) -> &BrokerConfig {

@@ -29,9 +29,7 @@ use crate::protocol::body::{
 };
 use crate::protocol::frame::{self, FLAG_PUSH, FLAG_RESPONSE};
 use crate::protocol::txn;
-use crate::protocol::{
-    ErrorCode, FrameHeader, Opcode, WireError, FRAME_BYTES_MAX, FRAME_HEADER_LEN,
-};
+use crate::protocol::{ErrorCode, FrameHeader, Opcode, WireError, FRAME_HEADER_LEN};
 use crate::tls::TlsAcceptor;
 
 /// Bytes of deliveries in one FETCH reply or DELIVER push, at most.
@@ -48,6 +46,110 @@ pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 /// Frames larger than this need room in the broker-wide
 /// `frame_memory_max` budget before the broker reads them in.
 pub const LARGE_FRAME_BYTES: usize = 64 << 10;
+/// A large frame whose connection has not delivered `PROGRESS_BYTES` more
+/// of it for this long may be evicted (its connection closed with
+/// FRAME_TIMEOUT) when another connection needs the room it holds.
+pub const STALL_EVICT: Duration = Duration::from_millis(250);
+/// Bytes of a large frame that count as progress.
+const PROGRESS_BYTES: usize = 64 << 10;
+/// A large frame takes room in steps of this as its bytes arrive, so it
+/// holds about what it has sent, not what it announced.
+const ROOM_STEP: usize = 1 << 20;
+
+/// The broker-wide budget for large frames still arriving
+/// (`frame_memory_max`, in KiB), and who holds it: when the budget is
+/// spent, a connection that needs room evicts the holder that has stalled
+/// longest (no `PROGRESS_BYTES` for `STALL_EVICT`). Clients that announce
+/// big frames and stall, or trickle them, cannot keep the room from
+/// clients that send.
+pub struct FrameRoom {
+    kib: Arc<Semaphore>,
+    holders: Mutex<HashMap<u64, Holder>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Holder {
+    progress_at: Instant,
+    evict: Arc<Notify>,
+}
+
+impl FrameRoom {
+    pub fn new(bytes: u64) -> FrameRoom {
+        let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
+        FrameRoom {
+            kib: Arc::new(Semaphore::new(kib)),
+            holders: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// KiB of the budget free now.
+    pub fn available_kib(&self) -> usize {
+        self.kib.available_permits()
+    }
+
+    fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Holder>> {
+        self.holders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `bytes` of room until `deadline`, evicting stalled
+    /// holders meanwhile. `None` at the deadline.
+    async fn acquire(
+        &self,
+        id: u64,
+        kib: u32,
+        evict: &Arc<Notify>,
+        deadline: Instant,
+    ) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let wait = (Instant::now() + Duration::from_millis(50)).min(deadline);
+            let acquired = tokio::select! {
+                // Evicted while waiting for more: this connection is done.
+                _ = evict.notified() => return None,
+                a = tokio::time::timeout_at(wait.into(), self.kib.clone().acquire_many_owned(kib)) => a,
+            };
+            match acquired {
+                Ok(Ok(p)) => {
+                    self.holders().insert(
+                        id,
+                        Holder {
+                            progress_at: Instant::now(),
+                            evict: evict.clone(),
+                        },
+                    );
+                    return Some(p);
+                }
+                Ok(Err(_)) => return None,
+                Err(_) if Instant::now() >= deadline => return None,
+                Err(_) => self.evict_stalled(id),
+            }
+        }
+    }
+
+    /// Evicts every holder (other than `id`) that has stalled for
+    /// `STALL_EVICT`.
+    fn evict_stalled(&self, id: u64) {
+        let now = Instant::now();
+        self.holders().retain(|h, v| {
+            let stalled = *h != id && now.duration_since(v.progress_at) >= STALL_EVICT;
+            if stalled {
+                v.evict.notify_one();
+            }
+            !stalled
+        });
+    }
+
+    fn progress(&self, id: u64) {
+        if let Some(h) = self.holders().get_mut(&id) {
+            h.progress_at = Instant::now();
+        }
+    }
+
+    fn release(&self, id: u64) {
+        self.holders().remove(&id);
+    }
+}
+
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -251,16 +353,28 @@ async fn connection<R, W>(
     // completing: a slowloris client that trickles bytes is closed when
     // this passes `frame_timeout`, however steadily it trickles.
     let mut partial_since: Option<Instant> = None;
-    // Room in the broker-wide budget for the large frame now arriving.
+    // Room in the broker-wide budget for the large frame now arriving,
+    // and what tells this connection it was evicted from it.
+    let room = conn.broker.frame_room().clone();
+    let room_id = room.next_id.fetch_add(1, Ordering::Relaxed);
+    let evicted = Arc::new(Notify::new());
     let mut frame_room: Option<OwnedSemaphorePermit> = None;
+    let mut held_kib = 0usize;
+    let mut unreported = 0usize;
+    // How much more the next read may take (a large frame: up to the room
+    // it holds).
+    let mut read_limit: Option<usize> = None;
     'connection: loop {
         let mut completed = false;
         loop {
-            match frame::decode_header(&reader.buf) {
+            match frame::decode_header_within(&reader.buf, config.frame_bytes_max as usize) {
                 Ok(Some(h)) if reader.buf.len() >= FRAME_HEADER_LEN + h.body_len => {
                     completed = true;
                     let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
-                    frame_room = None;
+                    if frame_room.take().is_some() {
+                        room.release(room_id);
+                        held_kib = 0;
+                    }
                     let body = whole.slice(FRAME_HEADER_LEN..);
                     let permit = match conn.inflight.clone().acquire_owned().await {
                         Ok(p) => p,
@@ -275,20 +389,31 @@ async fn connection<R, W>(
                 }
                 Ok(Some(h)) => {
                     let total = FRAME_HEADER_LEN + h.body_len;
-                    if total > LARGE_FRAME_BYTES && frame_room.is_none() {
-                        // Room for the whole frame before reading more of
-                        // it, waiting no longer than the frame may take.
+                    if total <= LARGE_FRAME_BYTES {
+                        reader.buf.reserve(total - reader.buf.len());
+                        break;
+                    }
+                    // A large frame holds room for what has arrived plus
+                    // the next step, waiting for it no longer than the
+                    // frame may take (evicting stalled holders meanwhile).
+                    let need = total.min(reader.buf.len() + ROOM_STEP);
+                    let need_kib = need.div_ceil(1024);
+                    if held_kib < need_kib {
                         let since = *partial_since.get_or_insert_with(Instant::now);
-                        let room = conn.broker.frame_memory().clone();
-                        let kib = total.div_ceil(1024) as u32;
-                        match tokio::time::timeout_at(
-                            (since + frame_timeout).into(),
-                            room.acquire_many_owned(kib),
-                        )
-                        .await
+                        let more = (need_kib - held_kib) as u32;
+                        match room
+                            .acquire(room_id, more, &evicted, since + frame_timeout)
+                            .await
                         {
-                            Ok(Ok(p)) => frame_room = Some(p),
-                            _ => {
+                            Some(p) => {
+                                match &mut frame_room {
+                                    Some(r) => r.merge(p),
+                                    None => frame_room = Some(p),
+                                }
+                                held_kib = need_kib;
+                                unreported = 0;
+                            }
+                            None => {
                                 tracing::debug!(
                                     ?peer,
                                     "closing connection: no memory for its large frame in time"
@@ -303,9 +428,8 @@ async fn connection<R, W>(
                             }
                         }
                     }
-                    if frame_room.is_some() || total <= LARGE_FRAME_BYTES {
-                        reader.buf.reserve(total - reader.buf.len());
-                    }
+                    reader.buf.reserve(need - reader.buf.len());
+                    read_limit = Some(need - reader.buf.len());
                     break;
                 }
                 Ok(None) => break,
@@ -329,11 +453,31 @@ async fn connection<R, W>(
         // Read as much as the socket has, not one frame at a time: every
         // extra wake-up costs more than the copy.
         reader.prepare();
+        let limit = read_limit.take();
         tokio::select! {
-            read = rd.read_buf(&mut reader.buf) => match read {
+            read = read_some(&mut rd, &mut reader.buf, limit) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => reader.filled(n),
+                Ok(n) => {
+                    reader.filled(n);
+                    if frame_room.is_some() {
+                        unreported += n;
+                        if unreported >= PROGRESS_BYTES {
+                            room.progress(room_id);
+                            unreported = 0;
+                        }
+                    }
+                }
             },
+            _ = evicted.notified(), if frame_room.is_some() => {
+                tracing::debug!(?peer, "closing connection: its large frame stalled while others needed the memory");
+                conn.send(error_frame(
+                    0,
+                    ErrorCode::FrameTimeout,
+                    "a large frame stalled while other clients needed its memory",
+                ))
+                .await;
+                break;
+            }
             _ = stop.changed() => {
                 conn.send(error_frame(0, ErrorCode::ShuttingDown, "the broker is stopping")).await;
                 break;
@@ -362,6 +506,8 @@ async fn connection<R, W>(
             }
         }
     }
+    room.release(room_id);
+    drop(frame_room);
     for sub in conn.subs.lock().expect("subs").drain() {
         sub.1.cancelled.store(true, Ordering::Release);
         sub.1.changed.notify_one();
@@ -376,6 +522,18 @@ async fn connection<R, W>(
     drop(conn);
     let _ = writer.await;
     metrics_broker.metrics().connection_closed();
+}
+
+/// Reads what the socket has into `buf`, at most `limit` bytes.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut bytes::BytesMut,
+    limit: Option<usize>,
+) -> std::io::Result<usize> {
+    match limit {
+        None => rd.read_buf(buf).await,
+        Some(n) => (&mut *rd).take(n as u64).read_buf(buf).await,
+    }
 }
 
 /// An error that closes the connection.
@@ -443,7 +601,7 @@ async fn dispatch(
             }
             let reply = HelloReply {
                 version: frame::VERSION,
-                frame_bytes_max: FRAME_BYTES_MAX as u32,
+                frame_bytes_max: broker.config().frame_bytes_max,
                 inflight_max: conn.inflight_max,
                 server: format!("bida {}", env!("CARGO_PKG_VERSION")),
             };

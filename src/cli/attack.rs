@@ -225,9 +225,16 @@ async fn one(
                 }
                 .encode(&mut body);
                 wr.write_all(&w(hello())).await?;
-                for id in 2u64.. {
-                    wr.write_all(&w(frame::encode(Opcode::Fetch, 0, id, &body)))
-                        .await?;
+                // 256 requests per write: the attacker's own CPU is not
+                // the point.
+                let mut id = 2u64;
+                loop {
+                    let mut chunk = Vec::new();
+                    for _ in 0..256 {
+                        chunk.extend_from_slice(&frame::encode(Opcode::Fetch, 0, id, &body));
+                        id += 1;
+                    }
+                    wr.write_all(&w(chunk)).await?;
                 }
             }
             Kind::Flood => unreachable!("flood has its own loop"),

@@ -78,6 +78,10 @@ pub struct Args {
     /// long [default: 300000]
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
+    /// Longest frame a client may send, 65536..=16777216 [default:
+    /// 16777216]
+    #[arg(long)]
+    pub frame_bytes_max: Option<u32>,
     /// A frame must arrive whole, and a reply be read by the client,
     /// within this many ms [default: 30000]
     #[arg(long)]
@@ -152,6 +156,7 @@ impl Args {
             max_connections,
             inflight_max,
             idle_timeout_ms,
+            frame_bytes_max,
             frame_timeout_ms,
             frame_memory_max,
             dedup_window_ids,

@@ -119,15 +119,19 @@ impl FrameHeader {
 /// Checks the length before anything else, so a hostile length never causes
 /// an allocation.
 pub fn decode_header(buf: &[u8]) -> Result<Option<FrameHeader>, WireError> {
+    decode_header_within(buf, FRAME_BYTES_MAX)
+}
+
+/// As [`decode_header`], with a lower frame limit `max` (a broker's
+/// `frame_bytes_max`; at most `FRAME_BYTES_MAX`).
+pub fn decode_header_within(buf: &[u8], max: usize) -> Result<Option<FrameHeader>, WireError> {
     let Some(len_bytes) = buf.get(..LENGTH_LEN) else {
         return Ok(None);
     };
     let length = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
-    if length > FRAME_BYTES_MAX {
-        return Err(WireError::FrameTooLarge {
-            length,
-            max: FRAME_BYTES_MAX,
-        });
+    let max = max.min(FRAME_BYTES_MAX);
+    if length > max {
+        return Err(WireError::FrameTooLarge { length, max });
     }
     if length < FRAME_HEADER_LEN - LENGTH_LEN {
         return Err(WireError::Malformed(format!(
