@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,21 +74,22 @@ impl FrameQueue for mpsc::UnboundedReceiver<Bytes> {
 /// `WRITE_BUFFER_BYTES` or more is written straight to the socket instead of
 /// being copied into the buffer. Shuts the write side down at the end.
 ///
-/// With `stall`, a write that makes no progress for that long (the peer
-/// does not read) ends the writer as a socket error would; the queue's
-/// senders see it closed.
+/// With `watch`, a write that makes no progress for `watch.limit` (the
+/// peer does not read) ends the writer as a socket error would, and
+/// `watch.blocked_since_ms` says since when a write has been waiting
+/// (0: none is).
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     socket: W,
     queue: impl FrameQueue,
-    stall: Option<Duration>,
+    watch: Option<WriteWatch>,
 ) {
-    match stall {
+    match watch {
         None => write_all_frames(socket, queue).await,
-        Some(limit) => {
+        Some(watch) => {
             write_all_frames(
                 Stalling {
                     inner: socket,
-                    limit,
+                    watch,
                     timer: None,
                 },
                 queue,
@@ -94,6 +97,24 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
             .await
         }
     }
+}
+
+/// How a writer is watched: its stall limit, and since when (ms on
+/// [`clock_ms`]) its current write has been waiting for the peer.
+#[derive(Clone, Debug)]
+pub struct WriteWatch {
+    pub limit: Duration,
+    pub blocked_since_ms: Arc<AtomicU64>,
+}
+
+/// Milliseconds since the first call in this process, never 0.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 async fn write_all_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl FrameQueue) {
@@ -126,7 +147,7 @@ async fn write_all_frames<W: AsyncWrite + Unpin>(socket: W, mut queue: impl Fram
 /// progress.
 struct Stalling<W> {
     inner: W,
-    limit: Duration,
+    watch: WriteWatch,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -138,14 +159,18 @@ impl<W: AsyncWrite + Unpin> Stalling<W> {
     ) -> Poll<io::Result<T>> {
         match op(Pin::new(&mut self.inner), cx) {
             Poll::Ready(r) => {
-                self.timer = None;
+                if self.timer.take().is_some() {
+                    self.watch.blocked_since_ms.store(0, Ordering::Release);
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let limit = self.limit;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                let limit = self.watch.limit;
+                let since = &self.watch.blocked_since_ms;
+                let timer = self.timer.get_or_insert_with(|| {
+                    since.store(clock_ms(), Ordering::Release);
+                    Box::pin(tokio::time::sleep(limit))
+                });
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,

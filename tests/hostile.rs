@@ -223,7 +223,7 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
     );
     assert!(count(&report, "closed_by_broker") >= 1, "evicted: {report}");
     assert!(
-        peak < before + 32 * MIB + 48 * MIB,
+        peak < before + 32 * MIB + 64 * MIB,
         "the 32 MiB frame budget bounds memory: {} MiB over {} MiB",
         (peak - before) / MIB,
         before / MIB
@@ -340,6 +340,81 @@ async fn clients_that_never_read_are_closed_and_their_replies_bounded() {
         assert!(Instant::now() < deadline, "read {got} of 80000");
         got += consumer.fetch().await.unwrap().len();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_cannot_hold_the_shared_reply_room_from_those_that_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // 32 MiB shared for queued deliveries; the stall timeout stays at its
+    // 30 s default, far beyond the attack.
+    let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "33554432"]);
+    let addr = broker.addr;
+    let fill = Command::new(env!("CARGO_BIN_EXE_bida"))
+        .args(["bench", "--consumers", "0", "--topic", "attack"])
+        .args(["--size", "1024", "--count", "80000", "--broker"])
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
+    assert!(fill.status.success());
+    let before = rss_anon(broker.child.id());
+    let sampler = RssSampler::start(broker.child.id());
+    // Six never-reading clients want 6 x 16 MiB of queued deliveries.
+    let attack_started = Instant::now();
+    let noread = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "no-read",
+            &[
+                "--connections",
+                "6",
+                "--topic",
+                "attack",
+                "--duration-s",
+                "10",
+            ],
+        )
+    });
+    // Let the attackers fill the shared room first: from here on, without
+    // eviction the reader would get nothing until they leave.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = Client::connect(addr).await.unwrap();
+    let consumer = Consumer::new(
+        client,
+        "attack",
+        "reader",
+        ConsumerOptions {
+            max_messages: 10_000,
+            max_wait: Duration::from_millis(100),
+            ..ConsumerOptions::default()
+        },
+    );
+    // The attack lasts 10 s unless the broker ends every attacker first
+    // (they evict one another too); the reader must not have to wait for
+    // that.
+    let mut got = 0;
+    while got < 2_000 {
+        got += consumer.fetch().await.unwrap().len();
+    }
+    let served_after = attack_started.elapsed();
+    assert!(
+        served_after < Duration::from_secs(9),
+        "the reader waited {served_after:?}, as long as the attack"
+    );
+    let report = noread.await.unwrap();
+    let peak = sampler.peak();
+    eprintln!(
+        "6 never-reading clients, 32 MiB shared: anonymous memory {} MiB before, {} MiB at the peak; {report}",
+        before / MIB,
+        peak / MIB
+    );
+    assert!(count(&report, "closed_by_broker") >= 1, "evicted: {report}");
+    // 32 MiB shared, plus the delivery each writer was writing.
+    assert!(
+        peak < before + 32 * MIB + 6 * 8 * MIB + 64 * MIB,
+        "{} MiB over {} MiB",
+        (peak - before) / MIB,
+        before / MIB
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -312,6 +312,8 @@ pub struct Broker {
     create_lock: Mutex<()>,
     /// `frame_memory_max`: room for large frames still arriving.
     frame_room: Arc<server::FrameRoom>,
+    /// As much again for deliveries queued to clients.
+    reply_room: Arc<server::ReplyRoom>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
     pub stop: Notify,
@@ -359,6 +361,7 @@ impl Broker {
             },
         )?);
         let frame_room = Arc::new(server::FrameRoom::new(config.frame_memory_max));
+        let reply_room = Arc::new(server::ReplyRoom::new(config.frame_memory_max));
         let broker = Arc::new(Broker {
             config,
             topics,
@@ -367,6 +370,7 @@ impl Broker {
             metrics: Arc::default(),
             create_lock: Mutex::new(()),
             frame_room,
+            reply_room,
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -407,6 +411,11 @@ impl Broker {
     /// The budget for large frames the TCP edge is reading in.
     pub fn frame_room(&self) -> &Arc<server::FrameRoom> {
         &self.frame_room
+    }
+
+    /// The budget for deliveries queued to clients.
+    pub fn reply_room(&self) -> &Arc<server::ReplyRoom> {
+        &self.reply_room
     }
 
     pub fn config(&self) -> &BrokerConfig {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,79 @@ impl FrameRoom {
     }
 }
 
+/// The broker-wide budget for deliveries built and queued to clients
+/// (as large as `frame_memory_max`), on top of each connection's
+/// `REPLY_ROOM_BYTES`. When it is spent, a connection that needs room ends
+/// every connection whose writer has waited `STALL_EVICT` for its client
+/// to read while holding room: clients that do not read cannot keep it
+/// from clients that do.
+pub struct ReplyRoom {
+    kib: Arc<Semaphore>,
+    readers: Mutex<HashMap<u64, Reader>>,
+}
+
+struct Reader {
+    held_kib: Arc<AtomicUsize>,
+    blocked_since_ms: Arc<std::sync::atomic::AtomicU64>,
+    writer: tokio::task::AbortHandle,
+}
+
+/// Room for one queued delivery, given back when the writer takes it.
+pub struct ReplyPermit {
+    _own: OwnedSemaphorePermit,
+    _shared: OwnedSemaphorePermit,
+    held_kib: Arc<AtomicUsize>,
+    kib: usize,
+}
+
+impl Drop for ReplyPermit {
+    fn drop(&mut self) {
+        self.held_kib.fetch_sub(self.kib, Ordering::AcqRel);
+    }
+}
+
+impl ReplyRoom {
+    pub fn new(bytes: u64) -> ReplyRoom {
+        let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
+        ReplyRoom {
+            kib: Arc::new(Semaphore::new(kib)),
+            readers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn readers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Reader>> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for `kib` of shared room, ending stalled readers meanwhile.
+    async fn acquire(&self, id: u64, kib: u32) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let wait = tokio::time::Instant::now() + Duration::from_millis(50);
+            match tokio::time::timeout_at(wait, self.kib.clone().acquire_many_owned(kib)).await {
+                Ok(p) => return p.ok(),
+                Err(_) => self.evict_stalled(id),
+            }
+        }
+    }
+
+    fn evict_stalled(&self, id: u64) {
+        let now = crate::net::clock_ms();
+        let stall = STALL_EVICT.as_millis() as u64;
+        self.readers().retain(|r, v| {
+            let since = v.blocked_since_ms.load(Ordering::Acquire);
+            let stalled = *r != id
+                && since != 0
+                && now.saturating_sub(since) >= stall
+                && v.held_kib.load(Ordering::Acquire) > 0;
+            if stalled {
+                tracing::debug!("ending a connection that does not read its deliveries while others wait for room");
+                v.writer.abort();
+            }
+            !stalled
+        });
+    }
+}
+
 /// How long a stopping broker waits for connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -279,6 +352,10 @@ struct Conn {
     /// Room (KiB) for deliveries queued to the writer: a client that does
     /// not read holds at most `REPLY_ROOM_BYTES` of them.
     reply_room: Arc<Semaphore>,
+    /// KiB of reply room this connection holds (in its writer's queue).
+    reply_held: Arc<AtomicUsize>,
+    /// This connection in the broker-wide reply room.
+    id: u64,
     inflight: Arc<Semaphore>,
     inflight_max: u32,
     subs: Mutex<HashMap<u64, Arc<Subscription>>>,
@@ -287,7 +364,7 @@ struct Conn {
 }
 
 /// A frame for the writer, with the reply room it holds until written.
-pub type Outgoing = crate::net::Outgoing<OwnedSemaphorePermit>;
+pub type Outgoing = crate::net::Outgoing<ReplyPermit>;
 
 impl Conn {
     async fn send(&self, frame: Bytes) {
@@ -296,16 +373,27 @@ impl Conn {
     }
 
     /// Sends a frame built in `room` (from [`Conn::room`]).
-    async fn send_in(&self, frame: Bytes, room: Option<OwnedSemaphorePermit>) {
+    async fn send_in(&self, frame: Bytes, room: Option<ReplyPermit>) {
         let _ = self.tx.send(Outgoing { frame, room }).await;
     }
 
     /// Waits for room for a reply of up to `bytes`; `None` once the
     /// connection is closing.
-    async fn room(&self, bytes: u32) -> Option<OwnedSemaphorePermit> {
+    async fn room(&self, bytes: u32) -> Option<ReplyPermit> {
         let kib = bytes.div_ceil(1024).clamp(1, REPLY_ROOM_BYTES / 1024);
+        let shared = self.broker.reply_room();
         tokio::select! {
-            p = self.reply_room.clone().acquire_many_owned(kib) => p.ok(),
+            p = async {
+                let own = self.reply_room.clone().acquire_many_owned(kib).await.ok()?;
+                let shared = shared.acquire(self.id, kib).await?;
+                self.reply_held.fetch_add(kib as usize, Ordering::AcqRel);
+                Some(ReplyPermit {
+                    _own: own,
+                    _shared: shared,
+                    held_kib: self.reply_held.clone(),
+                    kib: kib as usize,
+                })
+            } => p,
             _ = self.tx.closed() => None,
         }
     }
@@ -335,12 +423,28 @@ async fn connection<R, W>(
     broker.metrics().connection_opened();
     let metrics_broker = broker.clone();
     let (tx, rx) = mpsc::channel::<Outgoing>(config.inflight_max as usize + 16);
-    let stall = Some(Duration::from_millis(config.frame_timeout_ms));
-    let writer = tokio::spawn(crate::net::write_frames(wr, rx, stall));
+    let watch = crate::net::WriteWatch {
+        limit: Duration::from_millis(config.frame_timeout_ms),
+        blocked_since_ms: Arc::default(),
+    };
+    let blocked_since_ms = watch.blocked_since_ms.clone();
+    let writer = tokio::spawn(crate::net::write_frames(wr, rx, Some(watch)));
+    let id = broker.frame_room().next_id.fetch_add(1, Ordering::Relaxed);
+    let reply_held: Arc<AtomicUsize> = Arc::default();
+    broker.reply_room().readers().insert(
+        id,
+        Reader {
+            held_kib: reply_held.clone(),
+            blocked_since_ms,
+            writer: writer.abort_handle(),
+        },
+    );
     let conn = Arc::new(Conn {
         broker,
         tx,
         reply_room: Arc::new(Semaphore::new(REPLY_ROOM_BYTES as usize / 1024)),
+        reply_held,
+        id,
         inflight: Arc::new(Semaphore::new(config.inflight_max as usize)),
         inflight_max: config.inflight_max,
         subs: Mutex::new(HashMap::new()),
@@ -356,7 +460,7 @@ async fn connection<R, W>(
     // Room in the broker-wide budget for the large frame now arriving,
     // and what tells this connection it was evicted from it.
     let room = conn.broker.frame_room().clone();
-    let room_id = room.next_id.fetch_add(1, Ordering::Relaxed);
+    let room_id = conn.id;
     let evicted = Arc::new(Notify::new());
     let mut frame_room: Option<OwnedSemaphorePermit> = None;
     let mut held_kib = 0usize;
@@ -508,6 +612,7 @@ async fn connection<R, W>(
     }
     room.release(room_id);
     drop(frame_room);
+    conn.broker.reply_room().readers().remove(&conn.id);
     for sub in conn.subs.lock().expect("subs").drain() {
         sub.1.cancelled.store(true, Ordering::Release);
         sub.1.changed.notify_one();
