@@ -138,6 +138,10 @@ async fn the_console_shows_topics_and_dead_letters_and_redrives_one() {
                      "--disable-gpu", "--window-size=1400,1250"],
         }),
     );
+    // This test binary links rustls with two crypto providers (ring for
+    // bida's TLS, aws-lc-rs through fantoccini): name the process default,
+    // or rustls refuses to guess and panics.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let browser = ClientBuilder::rustls()
         .unwrap()
         .capabilities(caps)
