@@ -52,6 +52,23 @@ fn errors(report: &Value, code: ErrorCode) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stores 80,000 messages of 1 KiB (80 MiB) in topic `attack` for the
+/// never-reading clients to fetch: each of their groups would get all of
+/// it without the reply room.
+fn fill_attack_topic(broker: SocketAddr) {
+    let fill = Command::new(env!("CARGO_BIN_EXE_bida"))
+        .args(["bench", "--consumers", "0", "--topic", "attack"])
+        .args(["--size", "1024", "--count", "80000", "--broker"])
+        .arg(broker.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        fill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fill.stderr)
+    );
+}
+
 /// Samples the broker's anonymous memory (`RssAnon`) every 20 ms until
 /// dropped; `peak()` is the largest sample.
 struct RssSampler {
@@ -88,15 +105,7 @@ impl RssSampler {
 }
 
 fn rss_anon(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("RssAnon:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+    support::broker::status_bytes(pid, "RssAnon:")
 }
 
 /// A well-behaved producer and consumer: `n` messages sent one batch of
@@ -268,27 +277,7 @@ async fn clients_that_never_read_are_closed_and_their_replies_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path(), &["--frame-timeout-ms", "1000"]);
     let addr = broker.addr;
-    // 80 MiB for the attackers to fetch: each of their groups would get all
-    // of it without the per-connection reply room.
-    let fill = Command::new(env!("CARGO_BIN_EXE_bida"))
-        .args([
-            "bench",
-            "--consumers",
-            "0",
-            "--topic",
-            "attack",
-            "--size",
-            "1024",
-        ])
-        .args(["--count", "80000", "--broker"])
-        .arg(addr.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        fill.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fill.stderr)
-    );
+    fill_attack_topic(addr);
     let before = rss_anon(broker.child.id());
     let sampler = RssSampler::start(broker.child.id());
     let noread = tokio::task::spawn_blocking(move || {
@@ -349,13 +338,7 @@ async fn clients_that_never_read_cannot_hold_the_shared_reply_room_from_those_th
     // 30 s default, far beyond the attack.
     let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "33554432"]);
     let addr = broker.addr;
-    let fill = Command::new(env!("CARGO_BIN_EXE_bida"))
-        .args(["bench", "--consumers", "0", "--topic", "attack"])
-        .args(["--size", "1024", "--count", "80000", "--broker"])
-        .arg(addr.to_string())
-        .output()
-        .unwrap();
-    assert!(fill.status.success());
+    fill_attack_topic(addr);
     let before = rss_anon(broker.child.id());
     let sampler = RssSampler::start(broker.child.id());
     // Six never-reading clients want 6 x 16 MiB of queued deliveries.

@@ -7,7 +7,6 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bida::client::{
@@ -16,7 +15,6 @@ use bida::client::{
 use bida::tls::ClientTls;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls::pki_types::ServerName;
 
 use support::broker::BrokerProcess;
 
@@ -161,21 +159,10 @@ async fn the_admin_listener_speaks_https_only() {
     let ca = make_certificates(dir.path(), "bida test CA");
     let broker = tls_broker(&dir.path().join("data"), dir.path());
 
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for c in rustls_pem(&ca) {
-        roots.add(c).unwrap();
-    }
-    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(broker.admin).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let mut tls = ClientTls::new(ca.as_bytes(), "localhost")
+        .unwrap()
+        .connect(tcp)
         .await
         .expect("HTTPS handshake with the admin listener");
     tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -197,13 +184,6 @@ async fn the_admin_listener_speaks_https_only() {
         !String::from_utf8_lossy(&plain).contains("bida_connections"),
         "metrics served over plain HTTP"
     );
-}
-
-fn rustls_pem(pem: &str) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 #[test]

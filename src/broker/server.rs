@@ -65,8 +65,10 @@ const ROOM_STEP: usize = 1 << 20;
 pub struct FrameRoom {
     kib: Arc<Semaphore>,
     holders: Mutex<HashMap<u64, Holder>>,
-    next_id: std::sync::atomic::AtomicU64,
 }
+
+/// Names each connection in the frame and reply rooms.
+static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 struct Holder {
     progress_at: Instant,
@@ -79,13 +81,7 @@ impl FrameRoom {
         FrameRoom {
             kib: Arc::new(Semaphore::new(kib)),
             holders: Mutex::new(HashMap::new()),
-            next_id: std::sync::atomic::AtomicU64::new(1),
         }
-    }
-
-    /// KiB of the budget free now.
-    pub fn available_kib(&self) -> usize {
-        self.kib.available_permits()
     }
 
     fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Holder>> {
@@ -237,12 +233,6 @@ fn build(
     frame::encode_header(&mut out, opcode, flags, correlation_id, 0);
     body(&mut out);
     frame::patch_length(&mut out);
-    // The buffer grew by doubling: give back what it over-reserved, so a
-    // queued reply holds no more memory than its bytes (the reply room
-    // counts bytes).
-    if out.capacity() - out.len() > out.len() / 4 {
-        out.shrink_to_fit();
-    }
     Bytes::from(out)
 }
 
@@ -429,7 +419,7 @@ async fn connection<R, W>(
     };
     let blocked_since_ms = watch.blocked_since_ms.clone();
     let writer = tokio::spawn(crate::net::write_frames(wr, rx, Some(watch)));
-    let id = broker.frame_room().next_id.fetch_add(1, Ordering::Relaxed);
+    let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
     let reply_held: Arc<AtomicUsize> = Arc::default();
     broker.reply_room().readers().insert(
         id,
@@ -463,7 +453,6 @@ async fn connection<R, W>(
     let room_id = conn.id;
     let evicted = Arc::new(Notify::new());
     let mut frame_room: Option<OwnedSemaphorePermit> = None;
-    let mut held_kib = 0usize;
     let mut unreported = 0usize;
     // How much more the next read may take (a large frame: up to the room
     // it holds).
@@ -477,7 +466,6 @@ async fn connection<R, W>(
                     let whole = reader.buf.split_to(FRAME_HEADER_LEN + h.body_len).freeze();
                     if frame_room.take().is_some() {
                         room.release(room_id);
-                        held_kib = 0;
                     }
                     let body = whole.slice(FRAME_HEADER_LEN..);
                     let permit = match conn.inflight.clone().acquire_owned().await {
@@ -502,6 +490,7 @@ async fn connection<R, W>(
                     // frame may take (evicting stalled holders meanwhile).
                     let need = total.min(reader.buf.len() + ROOM_STEP);
                     let need_kib = need.div_ceil(1024);
+                    let held_kib = frame_room.as_ref().map_or(0, |p| p.num_permits());
                     if held_kib < need_kib {
                         let since = *partial_since.get_or_insert_with(Instant::now);
                         let more = (need_kib - held_kib) as u32;
@@ -514,7 +503,6 @@ async fn connection<R, W>(
                                     Some(r) => r.merge(p),
                                     None => frame_room = Some(p),
                                 }
-                                held_kib = need_kib;
                                 unreported = 0;
                             }
                             None => {

@@ -135,7 +135,8 @@ async fn attack(args: &Args) -> Report {
                 .await
                 .unwrap_or_default()
         });
-        if kind_paces_connects(args.kind) && i % 100 == 99 {
+        // Opened in steps of 100, except the flood, which is all speed.
+        if args.kind != Kind::Flood && i % 100 == 99 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -158,10 +159,6 @@ async fn attack(args: &Args) -> Report {
     closes.sort();
     report.close_after_ms_p50 = closes.get(closes.len() / 2).map(|d| d.as_millis() as u64);
     report
-}
-
-fn kind_paces_connects(kind: Kind) -> bool {
-    kind != Kind::Flood
 }
 
 /// One connection of every kind but flood: write the kind's bytes while
@@ -266,27 +263,31 @@ async fn one(
     out
 }
 
+/// Reads one whole frame; `None` once the connection is closed or sends
+/// something that is not a frame.
+async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> Option<(Opcode, Vec<u8>)> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    rd.read_exact(&mut head).await.ok()?;
+    let h = frame::decode_header(&head).ok()??;
+    let mut body = vec![0u8; h.body_len];
+    rd.read_exact(&mut body).await.ok()?;
+    Some((h.opcode, body))
+}
+
+/// The code of an ERROR frame's body.
+fn error_code(opcode: Opcode, body: &[u8]) -> Option<u16> {
+    (opcode == Opcode::Error)
+        .then(|| ErrorBody::decode(body).ok().map(|e| e.code))
+        .flatten()
+}
+
 /// Reads frames until the connection closes; returns the ERROR codes seen.
 async fn read_until_close(rd: &mut (impl AsyncReadExt + Unpin)) -> Vec<u16> {
     let mut codes = Vec::new();
-    loop {
-        let mut head = [0u8; FRAME_HEADER_LEN];
-        if rd.read_exact(&mut head).await.is_err() {
-            return codes;
-        }
-        let Ok(Some(h)) = frame::decode_header(&head) else {
-            return codes;
-        };
-        let mut body = vec![0u8; h.body_len];
-        if rd.read_exact(&mut body).await.is_err() {
-            return codes;
-        }
-        if h.opcode == Opcode::Error {
-            if let Ok(e) = ErrorBody::decode(&body) {
-                codes.push(e.code);
-            }
-        }
+    while let Some((opcode, body)) = read_frame(rd).await {
+        codes.extend(error_code(opcode, &body));
     }
+    codes
 }
 
 /// Connect, PING, read the answer, close; again until `end`.
@@ -303,23 +304,10 @@ async fn flood(broker: SocketAddr, end: Instant) -> Outcome {
             continue;
         }
         out.bytes_sent += ping.len() as u64;
-        let mut head = [0u8; FRAME_HEADER_LEN];
-        if s.read_exact(&mut head).await.is_err() {
-            continue;
-        }
-        let Ok(Some(h)) = frame::decode_header(&head) else {
-            continue;
-        };
-        let mut body = vec![0u8; h.body_len];
-        if s.read_exact(&mut body).await.is_err() {
-            continue;
-        }
-        if h.opcode == Opcode::Error {
-            if let Ok(e) = ErrorBody::decode(&body) {
-                out.errors.push(e.code);
-            }
-        } else {
-            out.pings += 1;
+        match read_frame(&mut s).await {
+            Some((Opcode::Error, body)) => out.errors.extend(error_code(Opcode::Error, &body)),
+            Some(_) => out.pings += 1,
+            None => {}
         }
     }
     out

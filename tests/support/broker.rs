@@ -93,14 +93,7 @@ impl BrokerProcess {
     /// A `kB` line of `/proc/PID/status` (`VmRSS:`, `RssAnon:`,
     /// `RssFile:`), in bytes.
     pub fn status_bytes(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
-            * 1024
+        status_bytes(self.child.id(), field)
     }
 
     pub fn kill(&mut self) {
@@ -137,4 +130,16 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `kB` line of `/proc/PID/status` of any process, in bytes (for a
+/// sampler thread that cannot hold the [`BrokerProcess`]).
+pub fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+        * 1024
 }
