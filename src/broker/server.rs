@@ -165,10 +165,25 @@ struct Reader {
 
 /// Room for one queued delivery, given back when the writer takes it.
 pub struct ReplyPermit {
-    _own: OwnedSemaphorePermit,
-    _shared: OwnedSemaphorePermit,
+    own: OwnedSemaphorePermit,
+    shared: OwnedSemaphorePermit,
     held_kib: Arc<AtomicUsize>,
     kib: usize,
+}
+
+impl ReplyPermit {
+    /// Gives back what a built frame of `bytes` does not use: room is taken
+    /// for the largest reply a request may get, and most are smaller.
+    fn shrink_to(&mut self, bytes: usize) {
+        let kib = bytes.div_ceil(1024).max(1);
+        if kib < self.kib {
+            let spare = self.kib - kib;
+            drop(self.own.split(spare));
+            drop(self.shared.split(spare));
+            self.held_kib.fetch_sub(spare, Ordering::AcqRel);
+            self.kib = kib;
+        }
+    }
 }
 
 impl Drop for ReplyPermit {
@@ -363,7 +378,10 @@ impl Conn {
     }
 
     /// Sends a frame built in `room` (from [`Conn::room`]).
-    async fn send_in(&self, frame: Bytes, room: Option<ReplyPermit>) {
+    async fn send_in(&self, frame: Bytes, mut room: Option<ReplyPermit>) {
+        if let Some(r) = &mut room {
+            r.shrink_to(frame.len());
+        }
         let _ = self.tx.send(Outgoing { frame, room }).await;
     }
 
@@ -372,19 +390,24 @@ impl Conn {
     async fn room(&self, bytes: u32) -> Option<ReplyPermit> {
         let kib = bytes.div_ceil(1024).clamp(1, REPLY_ROOM_BYTES / 1024);
         let shared = self.broker.reply_room();
+        // Biased to the close: when an evicted connection's queue is
+        // dropped, its own room comes back at the moment it closes, and a
+        // waiting delivery must not take that for a go-ahead and be built
+        // for no one.
         tokio::select! {
+            biased;
+            _ = self.tx.closed() => None,
             p = async {
                 let own = self.reply_room.clone().acquire_many_owned(kib).await.ok()?;
                 let shared = shared.acquire(self.id, kib).await?;
                 self.reply_held.fetch_add(kib as usize, Ordering::AcqRel);
                 Some(ReplyPermit {
-                    _own: own,
-                    _shared: shared,
+                    own,
+                    shared,
                     held_kib: self.reply_held.clone(),
                     kib: kib as usize,
                 })
             } => p,
-            _ = self.tx.closed() => None,
         }
     }
 
@@ -1093,5 +1116,36 @@ async fn push_loop(
                 conn.send_in(finish_deliveries(out, n), Some(room)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_reply_gives_back_the_room_it_does_not_use() {
+        let own = Arc::new(Semaphore::new(16 * 1024));
+        let shared = ReplyRoom::new(64 << 20);
+        let held = Arc::new(AtomicUsize::new(8 * 1024));
+        let mut permit = ReplyPermit {
+            own: own.clone().try_acquire_many_owned(8 * 1024).unwrap(),
+            shared: shared.kib.clone().try_acquire_many_owned(8 * 1024).unwrap(),
+            held_kib: held.clone(),
+            kib: 8 * 1024,
+        };
+        permit.shrink_to(3000);
+        assert_eq!(own.available_permits(), 16 * 1024 - 3);
+        assert_eq!(shared.kib.available_permits(), 64 * 1024 - 3);
+        assert_eq!(held.load(Ordering::Acquire), 3);
+        // Never below one KiB, and never grows.
+        permit.shrink_to(0);
+        assert_eq!(permit.kib, 1);
+        permit.shrink_to(1 << 20);
+        assert_eq!(permit.kib, 1);
+        drop(permit);
+        assert_eq!(own.available_permits(), 16 * 1024);
+        assert_eq!(shared.kib.available_permits(), 64 * 1024);
+        assert_eq!(held.load(Ordering::Acquire), 0);
     }
 }
