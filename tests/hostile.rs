@@ -214,11 +214,12 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
             ],
         )
     });
-    // Batches of 100 x 2 KiB: frames over 64 KiB, which need room in the
-    // budget the attackers hold. Stalled holders are evicted for them, so
-    // they are served while the attack goes on.
+    // Batches of 100 x 16 KiB: 1.6 MiB frames, too large for the reserve
+    // (tested below), which need room in the budget the attackers hold.
+    // Stalled holders are evicted for them, so they are served while the
+    // attack goes on.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    well_behaved_sized(addr, "calm", 2_000, 2048).await;
+    well_behaved_sized(addr, "calm", 2_000, 16 << 10).await;
     assert!(
         !huge.is_finished(),
         "the well-behaved client had to wait for the attack to end"
@@ -236,6 +237,49 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
         "the 32 MiB frame budget bounds memory: {} MiB over {} MiB",
         (peak - before) / MIB,
         before / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_up_to_a_mib_pass_stalled_huge_frames_without_evicting_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 32 MiB budget: a 4 MiB reserve for frames of at most 1 MiB and
+    // 28,672 KiB for the rest.
+    let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "33554432"]);
+    let addr = broker.addr;
+    // Two connections send 13 MiB - 64 KiB of 16 MiB frames and stall,
+    // holding what they sent plus the next 1 MiB step: 2 x 14,273 KiB,
+    // which leaves 126 KiB of the 28,672.
+    let huge = tokio::task::spawn_blocking(move || {
+        attack(
+            addr,
+            "huge",
+            &[
+                "--connections",
+                "2",
+                "--send-bytes",
+                &((13 << 20) - (64 << 10)).to_string(),
+                "--duration-s",
+                "6",
+            ],
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // ~205 KiB frames: more than is left outside the reserve. Taken from
+    // the reserve they need not wait for anyone; without it they would
+    // wait until the stalled holders were evicted.
+    well_behaved_sized(addr, "calm", 1_000, 2048).await;
+    assert!(
+        !huge.is_finished(),
+        "the attack was over (its time up, or its connections closed) before the well-behaved client was served"
+    );
+    let report = huge.await.unwrap();
+    eprintln!("frames beside stalled huge frames: {report}");
+    assert_eq!(count(&report, "connections"), 2, "{report}");
+    assert_eq!(
+        count(&report, "closed_by_broker"),
+        0,
+        "no one needed the stalled frames' room: {report}"
     );
 }
 

@@ -91,7 +91,9 @@ pub struct BrokerConfig {
     /// connection waits for room before reading more of one, evicting
     /// connections whose large frame has stalled for 250 ms. Bounds the memory
     /// of clients that announce huge frames and send them slowly or not at
-    /// all. At least `FRAME_BYTES_MAX` (16 MiB). Default: 256 MiB.
+    /// all. An eighth of it is reserved for frames of at most 1 MiB, so
+    /// those need not wait for stalled huge ones to be evicted. At least
+    /// `FRAME_BYTES_MAX` (16 MiB). Default: 256 MiB.
     pub frame_memory_max: u64,
     /// A PEM certificate chain and its PEM private key: with both, the
     /// client listener and the admin listener speak only TLS. Default:

@@ -360,7 +360,10 @@ impl Broker {
                 delayed_max: config.delayed_max,
             },
         )?);
-        let frame_room = Arc::new(server::FrameRoom::new(config.frame_memory_max));
+        let frame_room = Arc::new(server::FrameRoom::new(
+            config.frame_memory_max,
+            config.frame_bytes_max,
+        ));
         let reply_room = Arc::new(server::ReplyRoom::new(config.frame_memory_max));
         let broker = Arc::new(Broker {
             config,

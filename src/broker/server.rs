@@ -55,6 +55,11 @@ const PROGRESS_BYTES: usize = 64 << 10;
 /// A large frame takes room in steps of this as its bytes arrive, so it
 /// holds about what it has sent, not what it announced.
 const ROOM_STEP: usize = 1 << 20;
+/// Large frames of at most this size (a produce batch of ~1,000 small
+/// messages is ~120 KiB) may take room from a reserve that larger frames
+/// cannot touch, so clients that announce huge frames and stall delay them
+/// not even until the stalled are evicted.
+pub const RESERVE_FRAME_BYTES_MAX: usize = 1 << 20;
 
 /// The broker-wide budget for large frames still arriving
 /// (`frame_memory_max`, in KiB), and who holds it: when the budget is
@@ -62,8 +67,13 @@ const ROOM_STEP: usize = 1 << 20;
 /// longest (no `PROGRESS_BYTES` for `STALL_EVICT`). Clients that announce
 /// big frames and stall, or trickle them, cannot keep the room from
 /// clients that send.
+///
+/// An eighth of the budget (less if that would leave the rest smaller than
+/// one frame of `frame_bytes_max`) is a reserve only frames of at most
+/// `RESERVE_FRAME_BYTES_MAX` may take, tried before the rest.
 pub struct FrameRoom {
     kib: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
     holders: Mutex<HashMap<u64, Holder>>,
 }
 
@@ -76,10 +86,12 @@ struct Holder {
 }
 
 impl FrameRoom {
-    pub fn new(bytes: u64) -> FrameRoom {
+    pub fn new(bytes: u64, frame_bytes_max: u32) -> FrameRoom {
         let kib = (bytes / 1024).min(Semaphore::MAX_PERMITS as u64) as usize;
+        let reserve = (kib / 8).min(kib.saturating_sub(frame_bytes_max.div_ceil(1024) as usize));
         FrameRoom {
-            kib: Arc::new(Semaphore::new(kib)),
+            kib: Arc::new(Semaphore::new(kib - reserve)),
+            reserve: Arc::new(Semaphore::new(reserve)),
             holders: Mutex::new(HashMap::new()),
         }
     }
@@ -88,15 +100,30 @@ impl FrameRoom {
         self.holders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for `bytes` of room until `deadline`, evicting stalled
-    /// holders meanwhile. `None` at the deadline.
+    /// Waits for `kib` of room until `deadline`, evicting stalled holders
+    /// meanwhile. `None` at the deadline. A frame of at most
+    /// `RESERVE_FRAME_BYTES_MAX` (`whole_frame`) tries the reserve first.
     async fn acquire(
         &self,
         id: u64,
         kib: u32,
+        whole_frame: Option<usize>,
         evict: &Arc<Notify>,
         deadline: Instant,
     ) -> Option<OwnedSemaphorePermit> {
+        let reserved = whole_frame
+            .filter(|&n| n <= RESERVE_FRAME_BYTES_MAX)
+            .and_then(|_| self.reserve.clone().try_acquire_many_owned(kib).ok());
+        if let Some(p) = reserved {
+            self.holders().insert(
+                id,
+                Holder {
+                    progress_at: Instant::now(),
+                    evict: evict.clone(),
+                },
+            );
+            return Some(p);
+        }
         loop {
             let wait = (Instant::now() + Duration::from_millis(50)).min(deadline);
             let acquired = tokio::select! {
@@ -517,8 +544,12 @@ async fn connection<R, W>(
                     if held_kib < need_kib {
                         let since = *partial_since.get_or_insert_with(Instant::now);
                         let more = (need_kib - held_kib) as u32;
+                        // A frame that takes its room in one step (held
+                        // is 0) may take it from the reserve: permits
+                        // from two semaphores cannot be merged.
+                        let whole = (held_kib == 0 && need == total).then_some(total);
                         match room
-                            .acquire(room_id, more, &evicted, since + frame_timeout)
+                            .acquire(room_id, more, whole, &evicted, since + frame_timeout)
                             .await
                         {
                             Some(p) => {
