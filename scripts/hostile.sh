@@ -40,7 +40,7 @@ bench() { # -> "produce consume" msgs/s
   RUN=$((RUN + 1))
   local out
   out=$("$BIDA" bench --broker "$ADDR" --topic calm --group "g$RUN" --size 100 \
-    --batch 1000 --consumers 1 --duration-s "$BENCH_S" --json 2>/dev/null)
+    --batch 1000 --consumers 1 --count 1000000000 --duration-s "$BENCH_S" --json 2>/dev/null)
   printf '%.0f %.0f\n' "$(field produce_msgs_per_s <<<"$out")" "$(field consume_msgs_per_s <<<"$out")"
 }
 
