@@ -299,18 +299,27 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
             credit: 0,
         };
         let consumer = Arc::new(Consumer::new(client, &topic, &group, options));
-        let (consumed, e2e, done, last) = (
+        let (consumed, e2e, done, last, produced) = (
             consumed.clone(),
             e2e_hist.clone(),
             producing_done.clone(),
             last_consumed.clone(),
+            produced.clone(),
         );
+        let producers = args.producers;
         consumers.push(tokio::spawn(async move {
             let acks = Arc::new(Semaphore::new(8));
             let mut local = histogram();
             let mut idle_since: Option<Instant> = None;
             loop {
-                if consumed.load(Ordering::Relaxed) >= total {
+                let n = consumed.load(Ordering::Relaxed);
+                // Everything there is: --count, or, once producers stopped
+                // early (--duration-s), all they had acked.
+                if n >= total
+                    || (producers > 0
+                        && done.load(Ordering::Acquire)
+                        && n >= produced.load(Ordering::Acquire))
+                {
                     break;
                 }
                 let batch = match consumer.fetch().await {
@@ -465,7 +474,7 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         p.await?;
     }
     let produce_seconds = produce_start.elapsed().as_secs_f64();
-    producing_done.store(true, Ordering::Relaxed);
+    producing_done.store(true, Ordering::Release);
     for c in consumers {
         c.await?;
     }
