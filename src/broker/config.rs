@@ -70,6 +70,12 @@ pub struct BrokerConfig {
     /// Connections accepted at once; more are refused with an error frame.
     /// Default: 10,000.
     pub max_connections: usize,
+    /// New connections accepted per second, in a burst of as many; more
+    /// wait in the kernel's listen backlog (and past it retry their
+    /// connect), so a connection flood costs the broker at most this many
+    /// accepts a second and never slows established connections. 0: no
+    /// limit. Default: 1,000.
+    pub accept_rate_max: u32,
     /// Requests a connection may have in flight; the broker stops reading
     /// from it until one completes. Default: 1,024.
     pub inflight_max: u32,
@@ -145,6 +151,7 @@ impl Default for BrokerConfig {
             },
             unacked_max: 100_000,
             max_connections: 10_000,
+            accept_rate_max: 1_000,
             inflight_max: 1024,
             idle_timeout_ms: 300_000,
             frame_bytes_max: FRAME_BYTES_MAX as u32,
@@ -242,6 +249,7 @@ impl BrokerConfig {
             max_deliveries,
             unacked_max,
             max_connections,
+            accept_rate_max,
             inflight_max,
             idle_timeout_ms,
             frame_bytes_max,
@@ -382,6 +390,7 @@ const FILE_KEYS: &[&str] = &[
     "max_deliveries",
     "unacked_max",
     "max_connections",
+    "accept_rate_max",
     "inflight_max",
     "idle_timeout_ms",
     "frame_bytes_max",
@@ -422,6 +431,7 @@ struct FileConfig {
     backoff: Option<FileBackoff>,
     unacked_max: Option<u64>,
     max_connections: Option<usize>,
+    accept_rate_max: Option<u32>,
     inflight_max: Option<u32>,
     idle_timeout_ms: Option<u64>,
     frame_bytes_max: Option<u32>,

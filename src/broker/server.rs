@@ -300,11 +300,21 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let mut pace = AcceptPace::new(config.accept_rate_max, Instant::now());
     tokio::pin!(shutdown);
     loop {
+        let pause = pace
+            .as_mut()
+            .map_or(Duration::ZERO, |p| p.wait(Instant::now()));
         tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
+            // Over the accept rate: connections wait in the kernel's
+            // backlog meanwhile.
+            _ = tokio::time::sleep(pause), if !pause.is_zero() => continue,
+            accepted = listener.accept(), if pause.is_zero() => {
+                if let Some(p) = &mut pace {
+                    p.take();
+                }
                 let stream = match accepted {
                     Ok((s, _)) => s,
                     Err(e) => {
@@ -359,6 +369,41 @@ pub async fn serve(
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// `accept_rate_max` as a token bucket: that many accepts a second, in a
+/// burst of as many.
+struct AcceptPace {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl AcceptPace {
+    /// `None` for no limit (0).
+    fn new(rate: u32, now: Instant) -> Option<AcceptPace> {
+        (rate > 0).then(|| AcceptPace {
+            rate: rate as f64,
+            tokens: rate as f64,
+            at: now,
+        })
+    }
+
+    /// How long until the next accept is allowed; zero: now.
+    fn wait(&mut self, now: Instant) -> Duration {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+
+    fn take(&mut self) {
+        self.tokens -= 1.0;
     }
 }
 
@@ -1153,6 +1198,34 @@ async fn push_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepts_are_paced_to_the_rate_after_a_burst() {
+        assert!(AcceptPace::new(0, Instant::now()).is_none(), "0: no limit");
+        let t0 = Instant::now();
+        let mut pace = AcceptPace::new(100, t0).unwrap();
+        for _ in 0..100 {
+            assert_eq!(pace.wait(t0), Duration::ZERO, "the burst");
+            pace.take();
+        }
+        let wait = pace.wait(t0);
+        assert!(
+            wait > Duration::from_millis(9) && wait <= Duration::from_millis(10),
+            "{wait:?}"
+        );
+        // One a second per rate, and idle time refills no more than a burst.
+        let t1 = t0 + Duration::from_millis(10);
+        assert_eq!(pace.wait(t1), Duration::ZERO);
+        pace.take();
+        assert!(pace.wait(t1) > Duration::ZERO);
+        let later = t1 + Duration::from_secs(60);
+        let mut allowed = 0;
+        while pace.wait(later).is_zero() {
+            pace.take();
+            allowed += 1;
+        }
+        assert_eq!(allowed, 100);
+    }
 
     #[test]
     fn a_built_reply_gives_back_the_room_it_does_not_use() {

@@ -70,6 +70,10 @@ pub struct Args {
     /// Most simultaneous connections [default: 10000]
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// New connections accepted per second (a burst of as many); more wait
+    /// in the kernel's backlog. 0: no limit [default: 1000]
+    #[arg(long)]
+    pub accept_rate_max: Option<u32>,
     /// Unanswered requests per connection before the broker stops reading
     /// it [default: 1024]
     #[arg(long)]
@@ -154,6 +158,7 @@ impl Args {
             ack_timeout_ms,
             max_deliveries,
             max_connections,
+            accept_rate_max,
             inflight_max,
             idle_timeout_ms,
             frame_bytes_max,
