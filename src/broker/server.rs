@@ -383,7 +383,7 @@ struct AcceptPace {
 impl AcceptPace {
     /// `None` for no limit (0).
     fn new(rate: u32, now: Instant) -> Option<AcceptPace> {
-        (rate > 0).then(|| AcceptPace {
+        (rate > 0).then_some(AcceptPace {
             rate: rate as f64,
             tokens: rate as f64,
             at: now,
