@@ -192,9 +192,9 @@ async fn slowloris_is_cut_off_at_the_frame_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send() {
     let dir = tempfile::tempdir().unwrap();
-    // Room for two 16 MiB frames at a time; the frame timeout stays at its
-    // 30 s default, far beyond the attack.
-    let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "33554432"]);
+    // Room for one 16 MiB frame at a time, and so no reserve; the frame
+    // timeout stays at its 30 s default, far beyond the attack.
+    let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "16777216"]);
     let addr = broker.addr;
     // 20 connections announce 16 MiB frames, send 8 MiB of each and stall.
     // Without the shared budget the broker would hold 20 x 8 MiB of them.
@@ -214,12 +214,12 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
             ],
         )
     });
-    // Batches of 100 x 16 KiB: 1.6 MiB frames, too large for the reserve
-    // (tested below), which need room in the budget the attackers hold.
-    // Stalled holders are evicted for them, so they are served while the
-    // attack goes on.
+    // Batches of 100 x 2 KiB: frames over 64 KiB, which need room in the
+    // budget the attackers hold (a 16 MiB budget has no reserve for small
+    // frames: the rest must hold one whole frame). Stalled holders are
+    // evicted for them, so they are served while the attack goes on.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    well_behaved_sized(addr, "calm", 2_000, 16 << 10).await;
+    well_behaved_sized(addr, "calm", 2_000, 2048).await;
     assert!(
         !huge.is_finished(),
         "the well-behaved client had to wait for the attack to end"
@@ -233,8 +233,8 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
     );
     assert!(count(&report, "closed_by_broker") >= 1, "evicted: {report}");
     assert!(
-        peak < before + 32 * MIB + 64 * MIB,
-        "the 32 MiB frame budget bounds memory: {} MiB over {} MiB",
+        peak < before + 16 * MIB + 64 * MIB,
+        "the 16 MiB frame budget bounds memory: {} MiB over {} MiB",
         (peak - before) / MIB,
         before / MIB
     );

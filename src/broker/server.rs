@@ -82,6 +82,8 @@ static NEXT_CONNECTION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 
 struct Holder {
     progress_at: Instant,
+    /// Waiting for more room: its client is not the one stalling it.
+    waiting: bool,
     evict: Arc<Notify>,
 }
 
@@ -115,14 +117,11 @@ impl FrameRoom {
             .filter(|&n| n <= RESERVE_FRAME_BYTES_MAX)
             .and_then(|_| self.reserve.clone().try_acquire_many_owned(kib).ok());
         if let Some(p) = reserved {
-            self.holders().insert(
-                id,
-                Holder {
-                    progress_at: Instant::now(),
-                    evict: evict.clone(),
-                },
-            );
+            self.hold(id, evict);
             return Some(p);
+        }
+        if let Some(h) = self.holders().get_mut(&id) {
+            h.waiting = true;
         }
         loop {
             let wait = (Instant::now() + Duration::from_millis(50)).min(deadline);
@@ -133,13 +132,7 @@ impl FrameRoom {
             };
             match acquired {
                 Ok(Ok(p)) => {
-                    self.holders().insert(
-                        id,
-                        Holder {
-                            progress_at: Instant::now(),
-                            evict: evict.clone(),
-                        },
-                    );
+                    self.hold(id, evict);
                     return Some(p);
                 }
                 Ok(Err(_)) => return None,
@@ -149,17 +142,46 @@ impl FrameRoom {
         }
     }
 
-    /// Evicts every holder (other than `id`) that has stalled for
-    /// `STALL_EVICT`.
+    /// Records that `id` holds room and has just made progress.
+    fn hold(&self, id: u64, evict: &Arc<Notify>) {
+        self.holders().insert(
+            id,
+            Holder {
+                progress_at: Instant::now(),
+                waiting: false,
+                evict: evict.clone(),
+            },
+        );
+    }
+
+    /// Evicts every holder (other than `id`) whose client has stalled for
+    /// `STALL_EVICT`. Holders waiting for more room are not stalled by
+    /// their clients and are spared, unless every holder is waiting (each
+    /// for room another holds): then the one waiting longest goes, once it
+    /// has waited `STALL_EVICT`.
     fn evict_stalled(&self, id: u64) {
         let now = Instant::now();
-        self.holders().retain(|h, v| {
-            let stalled = *h != id && now.duration_since(v.progress_at) >= STALL_EVICT;
-            if stalled {
+        let stalled = |v: &Holder| now.duration_since(v.progress_at) >= STALL_EVICT;
+        let mut holders = self.holders();
+        let before = holders.len();
+        holders.retain(|h, v| {
+            let evict = *h != id && !v.waiting && stalled(v);
+            if evict {
                 v.evict.notify_one();
             }
-            !stalled
+            !evict
         });
+        if holders.len() < before || holders.values().any(|v| !v.waiting) {
+            return;
+        }
+        let longest = holders
+            .iter()
+            .filter(|(h, v)| **h != id && stalled(v))
+            .min_by_key(|(_, v)| v.progress_at)
+            .map(|(h, _)| *h);
+        if let Some(h) = longest.and_then(|h| holders.remove(&h)) {
+            h.evict.notify_one();
+        }
     }
 
     fn progress(&self, id: u64) {
@@ -1198,6 +1220,45 @@ async fn push_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eviction_spares_holders_waiting_for_room_unless_all_are() {
+        let room = FrameRoom::new(64 << 20, 16 << 20);
+        let now = Instant::now();
+        let put = |id: u64, ago_ms: u64, waiting: bool| {
+            room.holders().insert(
+                id,
+                Holder {
+                    progress_at: now - Duration::from_millis(ago_ms),
+                    waiting,
+                    evict: Arc::new(Notify::new()),
+                },
+            );
+        };
+        let ids = || {
+            let mut v: Vec<u64> = room.holders().keys().copied().collect();
+            v.sort();
+            v
+        };
+        put(1, 1_000, false); // its client stalled: evicted
+        put(2, 1_000, true); // waits for room: spared
+        put(3, 10, false); // progressing
+        room.evict_stalled(99);
+        assert_eq!(ids(), vec![2, 3]);
+        // All waiting, each for room another holds: the longest waiter goes.
+        room.release(3);
+        put(4, 600, true);
+        put(5, 10, true);
+        room.evict_stalled(5);
+        assert_eq!(ids(), vec![4, 5]);
+        room.evict_stalled(5);
+        assert_eq!(ids(), vec![5]);
+        // Not before it has waited STALL_EVICT, and never the caller.
+        put(6, 100, true);
+        room.evict_stalled(5);
+        room.evict_stalled(6);
+        assert_eq!(ids(), vec![5, 6]);
+    }
 
     #[test]
     fn accepts_are_paced_to_the_rate_after_a_burst() {
