@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bida::log::record::{encode_headers, InnerMsgId, Message};
-use bida::log::{DedupWindow, FlushMode, Log, Options, RecoveryMode, StorageError, WritePath};
+use bida::log::{
+    DedupWindow, FlushMode, Log, Options, Preallocate, RecoveryMode, StorageError, WritePath,
+};
 use proptest::prelude::*;
 use support::*;
 
@@ -363,7 +365,16 @@ fn segments_roll_and_reads_cross_them_and_lost_indexes_are_rebuilt() {
         let log = Log::open(dir.path(), options()).unwrap();
         let w = append_one_by_one(&log, 600, 300);
         assert!(log.segments().len() >= 3, "{:?}", log.segments());
-        assert!(log.segments().iter().rev().skip(1).all(|s| s.sealed));
+        // The background thread seals what a roll leaves behind.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.segments().iter().rev().skip(1).all(|s| s.sealed) {
+            assert!(
+                Instant::now() < deadline,
+                "not sealed: {:?}",
+                log.segments()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         log.close().unwrap();
         w
     };
@@ -715,4 +726,126 @@ fn purge_deletes_every_record_and_offsets_go_on() {
     let log = Log::open(dir.path(), options()).unwrap();
     assert_eq!((log.start_offset(), log.next_offset()), (301, 301));
     assert_eq!(log.read(301, 10, 1 << 20).unwrap().records, 0);
+}
+
+/// Lists the `.tmp` files of `dir` (prepared segment files among them).
+fn tmp_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+#[test]
+fn rolls_use_the_segment_file_prepared_in_the_background() {
+    for preallocate in [Preallocate::Zeroes, Preallocate::Fallocate] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            preallocate,
+            ..options()
+        };
+        let log = Log::open(dir.path(), opts.clone()).unwrap();
+        // A quarter of the first segment, then the next file appears.
+        let per_record = record_len(300) as u64;
+        let quarter = opts.segment_bytes / 4 / per_record + 1;
+        let mut written = append_one_by_one(&log, quarter, 300);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tmp_files(dir.path()).is_empty() {
+            assert!(Instant::now() < deadline, "no segment file was prepared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let spare = tmp_files(dir.path());
+        assert_eq!(spare.len(), 1, "{spare:?}");
+        let spare_len = std::fs::metadata(dir.path().join(&spare[0])).unwrap().len();
+        assert_eq!(spare_len, opts.segment_bytes, "prepared at full size");
+        // Fill past the end of the first segment: the roll renames it.
+        let more = opts.segment_bytes / per_record;
+        for i in quarter..quarter + more {
+            let p = payload(i, 300);
+            let msg = Message {
+                id: id(i),
+                payload: &p,
+                ..Message::default()
+            };
+            assert_eq!(log.append_acked(&[msg]).unwrap().outcomes[0].offset, i);
+            written.push(p);
+        }
+        let segments = log.segments();
+        assert!(segments.len() >= 2, "{segments:?}");
+        assert!(
+            !tmp_files(dir.path()).contains(&spare[0]),
+            "the prepared file became the segment at offset {}",
+            segments[1].base_offset
+        );
+        assert!(log_file(dir.path(), segments[1].base_offset).exists());
+        log.close().unwrap();
+        assert_eq!(
+            tmp_files(dir.path()),
+            Vec::<String>::new(),
+            "close leaves no spare"
+        );
+        let log = Log::open(dir.path(), opts).unwrap();
+        let records = read_all(&log);
+        assert_eq!(records.len(), written.len());
+        for (r, p) in records.iter().zip(&written) {
+            assert_eq!(&r.payload[..], &p[..]);
+        }
+    }
+}
+
+/// A crash after a roll and before the background seal leaves a segment
+/// that is flushed but still preallocated (zeros after its records), with
+/// or without index files. Open finishes the seal; nothing is lost.
+#[test]
+fn a_segment_left_unsealed_by_a_roll_is_sealed_at_open() {
+    for keep_index in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let written = {
+            let log = Log::open(dir.path(), options()).unwrap();
+            let w = append_one_by_one(&log, 400, 300);
+            log.close().unwrap();
+            w
+        };
+        // Undo the seal of the first segment.
+        let first = log_file(dir.path(), 0);
+        let sealed_len = std::fs::metadata(&first).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap()
+            .set_len(options().segment_bytes)
+            .unwrap();
+        if !keep_index {
+            for suffix in ["index", "timeindex"] {
+                std::fs::remove_file(dir.path().join(format!("{:020}.{suffix}", 0))).unwrap();
+            }
+        }
+        let log = Log::open(dir.path(), options()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().len(),
+            sealed_len,
+            "cut back to its records"
+        );
+        assert!(dir.path().join(format!("{:020}.index", 0)).exists());
+        let records = read_all(&log);
+        assert_eq!(records.len(), written.len());
+        for (i, (r, p)) in records.iter().zip(&written).enumerate() {
+            assert_eq!(r.offset, i as u64);
+            assert_eq!(&r.payload[..], &p[..]);
+        }
+        log.close().unwrap();
+        // Garbage (not zeros) after the records is damage, not an unfinished seal.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .unwrap()
+            .set_len(options().segment_bytes)
+            .unwrap();
+        patch_file(&first, sealed_len + 100, b"garbage");
+        assert!(matches!(
+            Log::open(dir.path(), options()),
+            Err(StorageError::Corrupt { .. })
+        ));
+    }
 }

@@ -36,7 +36,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 pub use dedup::DedupIndex;
 pub use error::{Result, StorageError};
-pub use options::{DedupWindow, FlushMode, Options, RecoveryMode, Retention, WritePath};
+pub use options::{
+    DedupWindow, FlushMode, Options, Preallocate, RecoveryMode, Retention, WritePath,
+};
 pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
 
@@ -44,10 +46,13 @@ use flush::GroupCommit;
 use mmap::{MapWriter, SegmentMap};
 use record::{Decoded, RECORD_HEADER_LEN};
 use recovery::{classify_tail, scan_segment, Checkpoint, Scan, TailVerdict, CHECKPOINT_FILE};
-use segment::{Segment, LOG_SUFFIX};
+use segment::{Segment, Spare, LOG_SUFFIX};
 
 /// The file whose exclusive lock marks a directory as in use.
 pub const LOCK_FILE: &str = "LOCK";
+/// After failing to prepare the next segment's file, wait this long.
+const SPARE_RETRY: Duration = Duration::from_secs(1);
+
 /// Dropped pages are released in steps of at least this many bytes.
 const RELEASE_STEP_BYTES: usize = 8 << 20;
 /// How many messages ahead of the one being appended the dedup window's
@@ -213,6 +218,15 @@ struct Inner {
     dedup_work_requested: AtomicBool,
     /// Cleared when the kernel refuses to prefault.
     prefault_enabled: AtomicBool,
+    /// The next segment's file, prepared by the background thread.
+    spare: Mutex<Option<Spare>>,
+    /// Spares prepared so far (names them), and when preparing one last
+    /// failed (a full disk: try again later, not on every tick).
+    spares_prepared: AtomicU64,
+    spare_failed_at: Mutex<Option<Instant>>,
+    /// The segment a roll left behind: flushed, its seal (index files,
+    /// truncation) left to the background thread. One at a time.
+    unsealed: Mutex<Option<(Arc<Segment>, MapWriter)>>,
     signal: Sender<Signal>,
     /// Wakes the prefault thread (`Signal::Flush` means "look again").
     prefault_signal: Sender<Signal>,
@@ -243,6 +257,7 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, mut options: Options) -> Result<Log> {
         options.validate()?;
         options.write_path = options.write_path.resolve(options.flush);
+        options.preallocate = options.preallocate.resolve(options.flush);
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;
@@ -301,6 +316,10 @@ impl Log {
             prefault_requested: AtomicBool::new(false),
             dedup_work_requested: AtomicBool::new(false),
             prefault_enabled,
+            spare: Mutex::new(None),
+            spares_prepared: AtomicU64::new(0),
+            spare_failed_at: Mutex::new(None),
+            unsealed: Mutex::new(None),
             signal,
             prefault_signal,
             report,
@@ -483,6 +502,7 @@ impl Log {
             }
             w.next_offset
         };
+        self.inner.finish_seal();
         self.delete_before(end)
     }
 
@@ -514,6 +534,10 @@ impl Log {
     /// directory.
     pub fn close(mut self) -> Result<()> {
         self.stop_background();
+        self.inner.finish_seal();
+        if let Some(spare) = lock(&self.inner.spare).take() {
+            spare.discard();
+        }
         self.flush()?;
         let durable_offset = self.inner.group.durable_offset();
         write_checkpoint(
@@ -695,20 +719,32 @@ impl Inner {
         }
     }
 
-    /// Seals the active segment and starts a new one at the next offset.
+    /// Starts a new segment at the next offset: the prepared spare renamed
+    /// into place (or a file created now if none is ready), the old segment
+    /// flushed, so nothing is ever durable in the new segment while the end
+    /// of the old one is not. The old segment's seal (index files,
+    /// truncation: three more fsyncs) is left to the background thread;
+    /// a crash before it is done leaves a segment that open seals.
     fn roll(&self, w: &mut Writer) -> Result<()> {
+        // One seal pending at a time.
+        self.finish_seal();
         let base = w.next_offset;
-        let (segment, map) = Segment::create(
-            &self.dir,
-            base,
-            self.options.segment_bytes,
-            self.options.write_path,
-        )?;
+        let (capacity, write_path) = (self.options.segment_bytes, self.options.write_path);
+        let spare = lock(&self.spare).take();
+        let created = match spare {
+            Some(spare) => Segment::from_spare(&self.dir, spare, base, capacity, write_path)
+                .or_else(|e| {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the prepared segment file; creating one");
+                    Segment::create(&self.dir, base, capacity, write_path)
+                }),
+            None => Segment::create(&self.dir, base, capacity, write_path),
+        };
+        let (segment, map) = created?;
         let old_map = std::mem::replace(&mut w.map, map);
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
-        if let Err(e) = old.seal(&self.dir, old_map) {
+        if let Err(e) = old.flush_to(old_map.cursor()) {
             // The old segment may not be durable; nothing more may be acked.
-            let reason = format!("sealing {} failed: {e}", old.path.display());
+            let reason = format!("flushing {} failed: {e}", old.path.display());
             w.broken = Some(reason.clone());
             self.group.fail(reason);
             return Err(e);
@@ -718,8 +754,56 @@ impl Inner {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .push(segment);
+        *lock(&self.unsealed) = Some((old, old_map));
+        if !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
+            let _ = self.signal.try_send(Signal::Work);
+        }
         tracing::debug!(dir = %self.dir.display(), base_offset = base, "rolled to a new segment");
         Ok(())
+    }
+
+    /// Seals the segment the last roll left behind, if any. A failure costs
+    /// nothing but time: its records are durable, and open finishes a seal.
+    fn finish_seal(&self) {
+        let mut unsealed = lock(&self.unsealed);
+        if let Some((segment, writer)) = unsealed.take() {
+            if let Err(e) = segment.seal(&self.dir, writer) {
+                tracing::warn!(segment = %segment.path.display(), error = %e, "could not seal the segment; the next open will");
+            }
+        }
+    }
+
+    /// Prepares the next segment's file once the active one is a quarter
+    /// full (so idle logs do not hold a second preallocated file).
+    fn prepare_spare_if_due(&self) {
+        if lock(&self.spare).is_some() {
+            return;
+        }
+        if lock(&self.spare_failed_at).is_some_and(|t| t.elapsed() < SPARE_RETRY) {
+            return;
+        }
+        let (cursor, capacity) = {
+            let w = self.lock_writer();
+            if w.broken.is_some() {
+                return;
+            }
+            (w.map.cursor() as u64, w.active.capacity_bytes())
+        };
+        if cursor < capacity / 4 {
+            return;
+        }
+        let n = self.spares_prepared.fetch_add(1, Ordering::Relaxed);
+        let zeroes = self.options.preallocate == Preallocate::Zeroes;
+        match segment::prepare_spare(&self.dir, n, self.options.segment_bytes, zeroes) {
+            Ok(spare) => {
+                *lock(&self.spare_failed_at) = None;
+                *lock(&self.spare) = Some(spare);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file; trying again in a second");
+                *lock(&self.spare_failed_at) = Some(Instant::now());
+            }
+        }
     }
 
     fn wait_durable(&self, target: u64) -> Result<()> {
@@ -798,6 +882,10 @@ impl Inner {
     fn delete_segments(&self, doomed: Vec<Arc<Segment>>) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         if !doomed.is_empty() {
+            // Not while its seal may still be writing index files.
+            self.finish_seal();
+        }
+        if !doomed.is_empty() {
             let mut segments = self.segments.write().unwrap_or_else(|p| p.into_inner());
             segments.retain(|s| !doomed.iter().any(|d| Arc::ptr_eq(s, d)));
         }
@@ -862,6 +950,9 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
         if let Some(tables) = work.and_then(|w| w.run()) {
             inner.lock_writer().dedup.put_spare(tables);
         }
+        // A roll's seal, and the next segment's file, off the append path.
+        inner.finish_seal();
+        inner.prepare_spare_if_due();
         if let Some(interval) = checkpoint_interval {
             let durable = inner.group.durable_offset();
             if durable > checkpointed && last_checkpoint.elapsed() >= interval {
@@ -1188,6 +1279,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .and_then(|()| file.write_all(me.as_bytes()))
         .map_err(StorageError::io(&path))?;
     Ok(file)
+}
+
+/// Locks `m`, taking the state of a panicked holder as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn remove_temporary_files(dir: &Path) -> Result<()> {

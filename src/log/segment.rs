@@ -29,6 +29,11 @@ pub const TIME_INDEX_SUFFIX: &str = "timeindex";
 /// Digits of the base offset in file names, enough for any `u64`.
 pub const BASE_OFFSET_DIGITS: usize = 20;
 const PAGE_BYTES: usize = 4096;
+/// The next segment's file is prepared as `spare-segment-<n>.tmp` and waits
+/// for a roll. A `.tmp` file: open removes it, since it holds no records.
+const SPARE_PREFIX: &str = "spare-segment-";
+/// Zeros are written in writes of this size.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
 const NO_TIMESTAMP: u64 = u64::MAX;
 
 pub fn file_name(base_offset: u64, suffix: &str) -> String {
@@ -63,6 +68,10 @@ pub(crate) struct Segment {
     first_timestamp_ms: AtomicU64,
     last_timestamp_ms: AtomicU64,
     sealed: AtomicBool,
+    /// The file was renamed into place (a prepared spare) and the directory
+    /// not yet synced: the first flush syncs it, so no record of this
+    /// segment is durable before its name is.
+    dir_unsynced: AtomicBool,
 }
 
 /// A record batch read from one segment: whole records, zero-copy.
@@ -109,6 +118,44 @@ impl Segment {
         Self::active_from_scan(path, file, base_offset, capacity as usize, scan, write_path)
     }
 
+    /// Turns a prepared spare (see [`prepare_spare`]) into a new, empty
+    /// active segment: a rename, no flush. The directory is synced by the
+    /// segment's first flush.
+    pub(crate) fn from_spare(
+        dir: &Path,
+        spare: Spare,
+        base_offset: u64,
+        capacity: u64,
+        write_path: WritePath,
+    ) -> Result<(Arc<Segment>, MapWriter)> {
+        let path = dir.join(file_name(base_offset, LOG_SUFFIX));
+        let Spare {
+            file: spare,
+            path: from,
+        } = spare;
+        if path.exists() {
+            return Err(StorageError::io(&path)(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a segment file with this base offset already exists",
+            )));
+        }
+        fs::rename(&from, &path).map_err(StorageError::io(&from))?;
+        let scan = Scan {
+            next_offset: base_offset,
+            ..Scan::default()
+        };
+        let parts = Self::active_from_scan(
+            path,
+            spare,
+            base_offset,
+            capacity as usize,
+            scan,
+            write_path,
+        )?;
+        parts.0.dir_unsynced.store(true, Ordering::Release);
+        Ok(parts)
+    }
+
     /// Maps an existing active segment for appending after `scan.valid_end`.
     /// The caller has already cleared anything past it.
     pub(crate) fn active_from_scan(
@@ -139,6 +186,7 @@ impl Segment {
             first_timestamp_ms: AtomicU64::new(scan.first_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             last_timestamp_ms: AtomicU64::new(scan.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(false),
+            dir_unsynced: AtomicBool::new(false),
         });
         Ok((segment, writer))
     }
@@ -185,7 +233,35 @@ impl Segment {
         // Walk from the last index entry to the end: the segment must end
         // exactly at its last record.
         let tail = scan_tail(bytes, base_offset, tail_from)?;
-        if tail.end != bytes.len() || scan.as_ref().is_some_and(|s| s.damage.is_some()) {
+        let damaged = scan.as_ref().is_some_and(|s| s.damage.is_some());
+        if tail.end < bytes.len() && !damaged && data_end(&file, bytes, tail.end) == tail.end {
+            // Records, then only zeros: a roll flushed this segment and the
+            // process stopped before its seal (which the background thread
+            // runs). Finish the seal and open the result.
+            let index = match scan {
+                Some(scan) => scan.index,
+                None => index,
+            };
+            let end = tail.end as u64;
+            drop(map);
+            write_file_synced(
+                &dir.join(file_name(base_offset, INDEX_SUFFIX)),
+                &index.encode_offsets(),
+            )?;
+            write_file_synced(
+                &dir.join(file_name(base_offset, TIME_INDEX_SUFFIX)),
+                &index.encode_times(),
+            )?;
+            let file = File::options()
+                .write(true)
+                .open(&path)
+                .map_err(StorageError::io(&path))?;
+            file.set_len(end).map_err(StorageError::io(&path))?;
+            file.sync_all().map_err(StorageError::io(&path))?;
+            tracing::warn!(segment = %path.display(), bytes = end, "finished the seal of a segment left unsealed by a roll");
+            return Self::open_sealed(dir, base_offset, index_interval, verify);
+        }
+        if tail.end != bytes.len() || damaged {
             let (position, reason) = match scan.as_ref().and_then(|s| s.damage.clone()) {
                 Some(d) => (d.position, d.reason),
                 None => (
@@ -218,6 +294,7 @@ impl Segment {
             first_timestamp_ms: AtomicU64::new(first_ts),
             last_timestamp_ms: AtomicU64::new(tail.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(true),
+            dir_unsynced: AtomicBool::new(false),
         });
         Ok((segment, scan))
     }
@@ -365,6 +442,14 @@ impl Segment {
             self.map
                 .flush_range(page_start..end)
                 .map_err(StorageError::io(&self.path))?;
+        }
+        if self.dir_unsynced.swap(false, Ordering::AcqRel) {
+            if let Some(dir) = self.path.parent() {
+                if let Err(e) = sync_dir(dir) {
+                    self.dir_unsynced.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
         }
         self.flushed.fetch_max(end, Ordering::AcqRel);
         flush_journal(&self.path, end);
@@ -541,6 +626,91 @@ fn load_index(
     let read =
         |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
     SegmentIndex::decode(&read(INDEX_SUFFIX)?, &read(TIME_INDEX_SUFFIX)?, segment_len)
+}
+
+/// A prepared file for the next segment.
+pub(crate) struct Spare {
+    file: File,
+    path: PathBuf,
+}
+
+impl Spare {
+    /// Removes the file (at close: a spare holds no records).
+    pub(crate) fn discard(self) {
+        drop(self.file);
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Prepares a file for the next segment (`spare-segment-<n>.tmp`, a name
+/// no other caller uses): `capacity` bytes reserved, written with zeros if
+/// `zeroes`, everything synced. Runs on the background thread. On failure
+/// (a full disk) the file is removed.
+pub(crate) fn prepare_spare(dir: &Path, n: u64, capacity: u64, zeroes: bool) -> Result<Spare> {
+    let path = dir.join(format!("{SPARE_PREFIX}{n}.tmp"));
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(StorageError::io(&path))?;
+    let prepared = (|| {
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
+            .map_err(|e| StorageError::io(&path)(e.into()))?;
+        if zeroes {
+            write_zeroes(&path, &file, capacity).map_err(StorageError::io(&path))?;
+        }
+        file.sync_all().map_err(StorageError::io(&path))
+    })();
+    match prepared {
+        Ok(()) => Ok(Spare { file, path }),
+        Err(e) => {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
+/// Writes zeros over `[0, len)` of `file`: through a second, `O_DIRECT`
+/// handle from one page-aligned buffer where the file system allows it (no
+/// page cache filled, almost no CPU), else through the page cache, whose
+/// pages are then let go.
+fn write_zeroes(path: &Path, file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    // An anonymous map is page-aligned and already zero.
+    let zeros = memmap2::MmapMut::map_anon(ZERO_CHUNK_BYTES)?;
+    let aligned = len - len % PAGE_BYTES as u64;
+    let mut at = 0u64;
+    let direct = File::options()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(path);
+    if let Ok(direct) = direct {
+        while at < aligned {
+            let n = (aligned - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+            if direct.write_all_at(&zeros[..n], at).is_err() {
+                break; // not supported after all: the page cache does the rest
+            }
+            at += n as u64;
+        }
+    }
+    let buffered_from = at;
+    while at < len {
+        let n = (len - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    if buffered_from < len {
+        file.sync_data()?;
+        let _ = rustix::fs::fadvise(
+            file,
+            buffered_from,
+            std::num::NonZeroU64::new(len - buffered_from),
+            rustix::fs::Advice::DontNeed,
+        );
+    }
+    Ok(())
 }
 
 /// Writes a whole file durably: temporary name, fsync, rename, fsync dir.
