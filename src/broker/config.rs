@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::log::{FlushMode, WritePath};
+use crate::log::{FlushMode, Preallocate, WritePath};
 use crate::protocol::body::{Backoff, PARTITIONS_MAX};
 use crate::protocol::FRAME_BYTES_MAX;
 
@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     /// and its clients, and the mmap path's page zero-fill (on the prefault
     /// thread) costs more CPU than it saves the appender (docs/BENCHMARKS.md).
     pub write_path: WritePath,
+    /// How each partition's next segment file is prepared (see
+    /// `log::Preallocate`). Default: `Fallocate`.
+    pub preallocate: Preallocate,
     /// Segment size of every partition. Default: 256 MiB.
     pub segment_bytes: u64,
     /// Largest record. Default: 1 MiB.
@@ -133,6 +136,7 @@ impl Default for BrokerConfig {
             auth_token: None,
             flush: FlushMode::Sync,
             write_path: WritePath::Pwrite,
+            preallocate: Preallocate::Fallocate,
             segment_bytes: 256 << 20,
             record_bytes_max: 1 << 20,
             dedup_window_ids: 2_000_000,
@@ -286,6 +290,9 @@ impl BrokerConfig {
         if let Some(w) = f.write_path {
             self.write_path = parse_write_path(&w)?;
         }
+        if let Some(p) = f.preallocate {
+            self.preallocate = parse_preallocate(&p)?;
+        }
         if let Some(b) = f.backoff {
             self.backoff = match b.kind.as_str() {
                 "fixed" => Backoff::Fixed {
@@ -354,6 +361,16 @@ pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
 }
 
 /// `auto`, `pwrite` or `mmap`.
+pub fn parse_preallocate(s: &str) -> Result<Preallocate, String> {
+    match s {
+        "fallocate" => Ok(Preallocate::Fallocate),
+        "zeroes" => Ok(Preallocate::Zeroes),
+        other => Err(format!(
+            "preallocate must be fallocate or zeroes, got {other:?}"
+        )),
+    }
+}
+
 pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
     match s {
         "auto" => Ok(WritePath::Auto),
@@ -370,6 +387,7 @@ pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
 #[cfg(test)]
 const FILE_KEYS: &[&str] = &[
     "write_path",
+    "preallocate",
     "data_dir",
     "listen",
     "admin_listen",
@@ -410,6 +428,7 @@ const FILE_KEYS: &[&str] = &[
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     write_path: Option<String>,
+    preallocate: Option<String>,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     admin_listen: Option<String>,

@@ -1137,6 +1137,7 @@ fn log_options(config: &BrokerConfig) -> Options {
     let mut o = Options {
         flush: config.flush,
         write_path: config.write_path,
+        preallocate: config.preallocate,
         segment_bytes: config.segment_bytes,
         record_bytes_max: config.record_bytes_max,
         ..Options::default()

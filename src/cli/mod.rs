@@ -87,6 +87,15 @@ pub enum FlushArg {
     Async,
 }
 
+/// How the next segment file is prepared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PreallocateArg {
+    /// Reserve the space with fallocate.
+    Fallocate,
+    /// Also write zeros over it in the background.
+    Zeroes,
+}
+
 /// How appended bytes reach the segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WritePathArg {

@@ -51,6 +51,11 @@ pub struct Args {
     /// async [default: pwrite]
     #[arg(long, value_enum)]
     pub write_path: Option<super::WritePathArg>,
+    /// How the next segment file is prepared: fallocate, or zeroes (also
+    /// written with zeros, so each fsync writes only data; doubles the disk
+    /// writes) [default: fallocate]
+    #[arg(long, value_enum)]
+    pub preallocate: Option<super::PreallocateArg>,
     /// A TOML file setting any broker option by its name in
     /// src/broker/config.rs (e.g. `flush = "async"`, `max_deliveries = 5`)
     #[arg(long)]
@@ -141,6 +146,12 @@ impl Args {
                 FlushArg::Async => "async",
             };
             c.flush = parse_flush(mode, self.flush_interval_ms, self.flush_bytes)?;
+        }
+        if let Some(p) = self.preallocate {
+            c.preallocate = match p {
+                super::PreallocateArg::Fallocate => bida::log::Preallocate::Fallocate,
+                super::PreallocateArg::Zeroes => bida::log::Preallocate::Zeroes,
+            };
         }
         if let Some(w) = self.write_path {
             c.write_path = match w {

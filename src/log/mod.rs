@@ -257,7 +257,6 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, mut options: Options) -> Result<Log> {
         options.validate()?;
         options.write_path = options.write_path.resolve(options.flush);
-        options.preallocate = options.preallocate.resolve(options.flush);
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;

@@ -46,36 +46,23 @@ impl WritePath {
     }
 }
 
-/// How the file of the next segment is made ready. Either way the next
-/// segment is prepared by the background thread once the active one is a
-/// quarter full, so a roll only renames it into place; a roll that finds
-/// nothing prepared creates the file itself with `fallocate`.
+/// How the file of the next segment is made ready. Either way it is
+/// prepared by the background thread once the active segment is a quarter
+/// full, so a roll only renames it into place; a roll that finds nothing
+/// prepared creates the file itself with `fallocate`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preallocate {
-    /// `Zeroes` under `FlushMode::Sync`, `Fallocate` under
-    /// `FlushMode::Async`: see docs/BENCHMARKS.md.
-    Auto,
-    /// Reserve the space with `fallocate`. Cheap to prepare, but on ext4 and
-    /// XFS the space is "unwritten": the first flush of each newly written
-    /// block must also convert it, a journal commit per `fdatasync`.
+    /// Reserve the space with `fallocate`. On ext4 and XFS the space is
+    /// "unwritten": the first flush of each newly written block also
+    /// converts it (a journal commit per `fdatasync`).
     Fallocate,
     /// Also write zeros over the whole file (with `O_DIRECT` where the file
     /// system allows it, so the page cache is not filled) and fsync them.
-    /// Costs the segment's size in extra disk writes, off the append path;
-    /// then each `fdatasync` writes data and flushes the device, nothing
-    /// else — about half the latency of a flush into `Fallocate` space.
+    /// Each `fdatasync` then writes only data (half the latency of one into
+    /// `Fallocate` space, alone on the development VM), but the zeros double
+    /// the disk writes: with a sync broker at full speed, 2.8 M against
+    /// 4.2 M msgs/s (docs/BENCHMARKS.md). Not the default for that reason.
     Zeroes,
-}
-
-impl Preallocate {
-    /// The concrete choice for a flush mode.
-    pub fn resolve(self, flush: FlushMode) -> Preallocate {
-        match (self, flush) {
-            (Preallocate::Auto, FlushMode::Sync) => Preallocate::Zeroes,
-            (Preallocate::Auto, FlushMode::Async { .. }) => Preallocate::Fallocate,
-            (concrete, _) => concrete,
-        }
-    }
 }
 
 /// What `open` does when the bytes on disk are not all valid records.
@@ -124,7 +111,7 @@ pub struct Options {
     pub flush: FlushMode,
     /// Default: `WritePath::Auto`.
     pub write_path: WritePath,
-    /// Default: `Preallocate::Auto`.
+    /// Default: `Preallocate::Fallocate`.
     pub preallocate: Preallocate,
     /// Size each segment file is preallocated to; a segment rolls when the
     /// next record does not fit. Default: 1 GiB. Range: 64 KiB ..= 4 GiB - 1.
@@ -178,7 +165,7 @@ impl Default for Options {
         Options {
             flush: FlushMode::Sync,
             write_path: WritePath::Auto,
-            preallocate: Preallocate::Auto,
+            preallocate: Preallocate::Fallocate,
             segment_bytes: 1 << 30,
             segment_age_ms: 7 * DAY_MS,
             record_bytes_max: 1 << 20,
