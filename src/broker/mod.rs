@@ -139,33 +139,44 @@ type DurableRequest = (u64, oneshot::Sender<Result<(), String>>);
 
 struct DurabilityWaiter {
     tx: Option<crossbeam_channel::Sender<DurableRequest>>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl DurabilityWaiter {
+    /// One thread per flush the log may run at once: while one waits on a
+    /// flush, the next requests go to another, which starts the next flush
+    /// right away instead of after the first (see `log::FLUSHES_IN_FLIGHT`).
     fn start(log: Arc<Log>, name: String) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded::<DurableRequest>();
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let mut batch = Vec::new();
-            while let Ok(first) = rx.recv() {
-                batch.push(first);
-                batch.extend(rx.try_iter());
-                let target = batch.iter().map(|(t, _)| *t).max().unwrap_or(0);
-                let result = log.wait_durable(target).map_err(|e| e.to_string());
-                for (_, done) in batch.drain(..) {
-                    let _ = done.send(result.clone());
-                }
-            }
-        })?;
+        let mut threads = Vec::new();
+        for i in 0..crate::log::FLUSHES_IN_FLIGHT {
+            let (log, rx) = (Arc::clone(&log), rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-{i}"))
+                    .spawn(move || {
+                        let mut batch = Vec::new();
+                        while let Ok(first) = rx.recv() {
+                            batch.push(first);
+                            batch.extend(rx.try_iter());
+                            let target = batch.iter().map(|(t, _)| *t).max().unwrap_or(0);
+                            let result = log.wait_durable(target).map_err(|e| e.to_string());
+                            for (_, done) in batch.drain(..) {
+                                let _ = done.send(result.clone());
+                            }
+                        }
+                    })?,
+            );
+        }
         Ok(DurabilityWaiter {
             tx: Some(tx),
-            thread: Some(thread),
+            threads,
         })
     }
 
     fn stop(&mut self) {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

@@ -43,6 +43,7 @@ pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
 
 use flush::GroupCommit;
+pub use flush::FLUSHES_IN_FLIGHT;
 use mmap::{MapWriter, SegmentMap};
 use record::{Decoded, RECORD_HEADER_LEN};
 use recovery::{classify_tail, scan_segment, Checkpoint, Scan, TailVerdict, CHECKPOINT_FILE};
@@ -806,17 +807,26 @@ impl Inner {
     }
 
     fn wait_durable(&self, target: u64) -> Result<()> {
-        self.group.wait_for(target, || self.flush_active())
+        self.group.wait_for(
+            target,
+            || self.flush_target(),
+            |(segment, end, appended)| self.flush_active(segment, end, appended),
+        )
     }
 
-    /// Flushes the active segment up to what is published now; returns the
-    /// offset made durable.
-    fn flush_active(&self) -> Result<u64> {
-        let (segment, end, next_offset) = {
-            let w = self.lock_writer();
-            (Arc::clone(&w.active), w.map.cursor(), w.next_offset)
-        };
+    /// What a flush started now covers: the active segment up to what is
+    /// published, the offset after it, and the bytes appended so far.
+    fn flush_target(&self) -> (u64, (Arc<Segment>, usize, u64)) {
+        let w = self.lock_writer();
         let appended = self.appended_bytes.load(Ordering::Acquire);
+        (
+            w.next_offset,
+            (Arc::clone(&w.active), w.map.cursor(), appended),
+        )
+    }
+
+    /// Flushes `segment` up to `end` (from [`Inner::flush_target`]).
+    fn flush_active(&self, segment: Arc<Segment>, end: usize, appended: u64) -> Result<()> {
         let started = std::time::Instant::now();
         segment.flush_to(end)?;
         if let Some(observe) = self.flush_observer.get() {
@@ -826,7 +836,7 @@ impl Inner {
         if let Some(hot) = self.options.page_cache_hot_bytes {
             segment.release_cold_pages(hot, RELEASE_STEP_BYTES);
         }
-        Ok(next_offset)
+        Ok(())
     }
 
     /// Keeps `prefault_bytes` ahead of the writer faulted in. Runs on the

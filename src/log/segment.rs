@@ -72,6 +72,9 @@ pub(crate) struct Segment {
     /// not yet synced: the first flush syncs it, so no record of this
     /// segment is durable before its name is.
     dir_unsynced: AtomicBool,
+    /// Held while the directory is synced, so a concurrent flush cannot
+    /// report durability before the name is.
+    dir_sync: Mutex<()>,
 }
 
 /// A record batch read from one segment: whole records, zero-copy.
@@ -187,6 +190,7 @@ impl Segment {
             last_timestamp_ms: AtomicU64::new(scan.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(false),
             dir_unsynced: AtomicBool::new(false),
+            dir_sync: Mutex::new(()),
         });
         Ok((segment, writer))
     }
@@ -295,6 +299,7 @@ impl Segment {
             last_timestamp_ms: AtomicU64::new(tail.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(true),
             dir_unsynced: AtomicBool::new(false),
+            dir_sync: Mutex::new(()),
         });
         Ok((segment, scan))
     }
@@ -443,12 +448,13 @@ impl Segment {
                 .flush_range(page_start..end)
                 .map_err(StorageError::io(&self.path))?;
         }
-        if self.dir_unsynced.swap(false, Ordering::AcqRel) {
-            if let Some(dir) = self.path.parent() {
-                if let Err(e) = sync_dir(dir) {
-                    self.dir_unsynced.store(true, Ordering::Release);
-                    return Err(e);
+        if self.dir_unsynced.load(Ordering::Acquire) {
+            let _syncing = self.dir_sync.lock().unwrap_or_else(|p| p.into_inner());
+            if self.dir_unsynced.load(Ordering::Acquire) {
+                if let Some(dir) = self.path.parent() {
+                    sync_dir(dir)?;
                 }
+                self.dir_unsynced.store(false, Ordering::Release);
             }
         }
         self.flushed.fetch_max(end, Ordering::AcqRel);
