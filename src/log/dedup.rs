@@ -396,6 +396,8 @@ enum Zeroed<T> {
 
 /// Tables at least this large are mapped.
 const MAP_BYTES_MIN: usize = 1 << 20;
+/// Bytes faulted in per call when a mapped table is prepared (one huge page).
+const POPULATE_STEP_BYTES: usize = 2 << 20;
 
 impl<T: bytemuck::Pod> Zeroed<T> {
     fn new(len: usize) -> Self {
@@ -409,8 +411,23 @@ impl<T: bytemuck::Pod> Zeroed<T> {
                 // refuse, and the pages fault in one by one instead.
                 // Huge pages where the kernel allows: lookups land at random
                 // in megabytes of table, and 4 KiB pages make each a TLB miss.
+                // In steps of POPULATE_STEP_BYTES: populating holds the
+                // process's memory-map lock, and a thread that needs it for
+                // writing (the allocator growing a heap, in the appending
+                // thread) waited behind one call over a whole table for up
+                // to 10 ms.
                 let _ = map.advise(memmap2::Advice::HugePage);
-                let _ = map.advise(memmap2::Advice::PopulateWrite);
+                let mut at = 0;
+                while at < bytes {
+                    let step = POPULATE_STEP_BYTES.min(bytes - at);
+                    if map
+                        .advise_range(memmap2::Advice::PopulateWrite, at, step)
+                        .is_err()
+                    {
+                        break;
+                    }
+                    at += step;
+                }
                 return Zeroed::Map(map, std::marker::PhantomData);
             }
         }
