@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::error::{Result, StorageError};
 use super::index::{OffsetEntry, SegmentIndex};
-use super::mmap::{MapWriter, SegmentMap};
+use super::mmap::{prefetch, MapWriter, SegmentMap};
 use super::options::WritePath;
 use super::record;
 use super::recovery::{nonzero_end, scan_segment, Scan};
@@ -32,6 +32,10 @@ const PAGE_BYTES: usize = 4096;
 /// The next segment's file is prepared as `spare-segment-<n>.tmp` and waits
 /// for a roll. A `.tmp` file: open removes it, since it holds no records.
 const SPARE_PREFIX: &str = "spare-segment-";
+/// How far past its end a read asks the kernel to read the file ahead.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+/// How far ahead of the record header being read a read prefetches.
+const READ_PREFETCH_BYTES: usize = 2048;
 /// Zeros are written in writes of this size.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 const NO_TIMESTAMP: u64 = u64::MAX;
@@ -75,6 +79,8 @@ pub(crate) struct Segment {
     /// Held while the directory is synced, so a concurrent flush cannot
     /// report durability before the name is.
     dir_sync: Mutex<()>,
+    /// The kernel was last asked to read ahead up to here.
+    read_ahead_to: AtomicUsize,
 }
 
 /// A record batch read from one segment: whole records, zero-copy.
@@ -191,6 +197,7 @@ impl Segment {
             sealed: AtomicBool::new(false),
             dir_unsynced: AtomicBool::new(false),
             dir_sync: Mutex::new(()),
+            read_ahead_to: AtomicUsize::new(0),
         });
         Ok((segment, writer))
     }
@@ -300,6 +307,7 @@ impl Segment {
             sealed: AtomicBool::new(true),
             dir_unsynced: AtomicBool::new(false),
             dir_sync: Mutex::new(()),
+            read_ahead_to: AtomicUsize::new(0),
         });
         Ok((segment, scan))
     }
@@ -384,6 +392,14 @@ impl Segment {
         let mut end = start;
         let mut records = 0usize;
         while records < max_records.max(1) {
+            // Each header says where the next one is: a chain of dependent
+            // loads over memory that is rarely in cache. Ask for the lines
+            // ahead so their misses overlap.
+            for ahead in [end + READ_PREFETCH_BYTES, end + READ_PREFETCH_BYTES + 64] {
+                if let Some(b) = bytes.get(ahead) {
+                    prefetch(b);
+                }
+            }
             let Some((len, at, _)) = bytes.get(end..).and_then(record::peek_header) else {
                 break;
             };
@@ -408,12 +424,42 @@ impl Segment {
             .map
             .view(start..end)
             .ok_or_else(|| self.corrupt(start, "read range outside the published bytes"))?;
+        self.read_ahead(end);
         Ok(Some(SegmentRead {
             bytes: view,
             records,
             next_offset: offset + records as u64,
             position: start,
         }))
+    }
+
+    /// Asks the kernel to start reading `[end, end + READ_AHEAD_BYTES)` into
+    /// the page cache, unless it was asked for about that range already. A
+    /// consumer of a backlog reads pages that left the page cache (the
+    /// writer lets go of them past `page_cache_hot_bytes`); a page fault
+    /// reads only a little ahead, so without this the reader waits on the
+    /// disk for each few pages.
+    fn read_ahead(&self, end: usize) {
+        let published = self.map.published();
+        let ahead = self.read_ahead_to.load(Ordering::Relaxed);
+        let near = ahead >= end + READ_AHEAD_BYTES / 2 && ahead <= end + 2 * READ_AHEAD_BYTES;
+        let to = (end + READ_AHEAD_BYTES).min(published);
+        if near || to <= end {
+            return;
+        }
+        let from = if ahead > end && ahead < to {
+            ahead
+        } else {
+            end
+        };
+        self.read_ahead_to.store(to, Ordering::Relaxed);
+        // Advice: failure costs speed, never data.
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            from as u64,
+            std::num::NonZeroU64::new((to - from) as u64),
+            rustix::fs::Advice::WillNeed,
+        );
     }
 
     /// The first record at or after `timestamp_ms`, if this segment has one.
