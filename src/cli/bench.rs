@@ -64,6 +64,11 @@ pub struct Args {
     /// Deliveries per consumer fetch, at most.
     #[arg(long, default_value_t = 4096)]
     fetch_messages: u32,
+    /// Fetches in flight per consumer: while one answer crosses the network
+    /// and is handled, the broker reads the next (each fetch gets different
+    /// messages of the group).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    fetch_inflight: u32,
     /// Messages per producer.
     #[arg(long, default_value_t = 1_000_000)]
     count: u64,
@@ -299,70 +304,73 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
             credit: 0,
         };
         let consumer = Arc::new(Consumer::new(client, &topic, &group, options));
-        let (consumed, e2e, done, last, produced) = (
-            consumed.clone(),
-            e2e_hist.clone(),
-            producing_done.clone(),
-            last_consumed.clone(),
-            produced.clone(),
-        );
-        let producers = args.producers;
-        consumers.push(tokio::spawn(async move {
-            let acks = Arc::new(Semaphore::new(8));
-            let mut local = histogram();
-            let mut idle_since: Option<Instant> = None;
-            loop {
-                let n = consumed.load(Ordering::Relaxed);
-                // Everything there is: --count, or, once producers stopped
-                // early (--duration-s), all they had acked.
-                if n >= total
-                    || (producers > 0
-                        && done.load(Ordering::Acquire)
-                        && n >= produced.load(Ordering::Acquire))
-                {
-                    break;
-                }
-                let batch = match consumer.fetch().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        eprintln!("bida bench: fetch failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..args.fetch_inflight {
+            let consumer = consumer.clone();
+            let (consumed, e2e, done, last, produced) = (
+                consumed.clone(),
+                e2e_hist.clone(),
+                producing_done.clone(),
+                last_consumed.clone(),
+                produced.clone(),
+            );
+            let producers = args.producers;
+            consumers.push(tokio::spawn(async move {
+                let acks = Arc::new(Semaphore::new(8));
+                let mut local = histogram();
+                let mut idle_since: Option<Instant> = None;
+                loop {
+                    let n = consumed.load(Ordering::Relaxed);
+                    // Everything there is: --count, or, once producers stopped
+                    // early (--duration-s), all they had acked.
+                    if n >= total
+                        || (producers > 0
+                            && done.load(Ordering::Acquire)
+                            && n >= produced.load(Ordering::Acquire))
+                    {
+                        break;
+                    }
+                    let batch = match consumer.fetch().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            eprintln!("bida bench: fetch failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    if batch.is_empty() {
+                        // Give up once producing ended and nothing came for 5 s.
+                        if done.load(Ordering::Relaxed) {
+                            let since = *idle_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > Duration::from_secs(5) {
+                                break;
+                            }
+                        }
                         continue;
                     }
-                };
-                if batch.is_empty() {
-                    // Give up once producing ended and nothing came for 5 s.
-                    if done.load(Ordering::Relaxed) {
-                        let since = *idle_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > Duration::from_secs(5) {
-                            break;
+                    idle_since = None;
+                    let now = now_ns();
+                    for d in &batch {
+                        if let Some(ts) = d.payload.get(..8) {
+                            let sent = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
+                            let _ = local.record(now.saturating_sub(sent) / 1000 + 1);
                         }
                     }
-                    continue;
+                    consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    *last.lock().expect("last") = Instant::now();
+                    let permit = acks.clone().acquire_owned().await.expect("semaphore");
+                    let c = consumer.clone();
+                    tokio::spawn(async move {
+                        let refs: Vec<_> = batch.iter().collect();
+                        if let Err(e) = c.ack(&refs).await {
+                            eprintln!("bida bench: ack failed: {e}");
+                        }
+                        drop(permit);
+                    });
                 }
-                idle_since = None;
-                let now = now_ns();
-                for d in &batch {
-                    if let Some(ts) = d.payload.get(..8) {
-                        let sent = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
-                        let _ = local.record(now.saturating_sub(sent) / 1000 + 1);
-                    }
-                }
-                consumed.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                *last.lock().expect("last") = Instant::now();
-                let permit = acks.clone().acquire_owned().await.expect("semaphore");
-                let c = consumer.clone();
-                tokio::spawn(async move {
-                    let refs: Vec<_> = batch.iter().collect();
-                    if let Err(e) = c.ack(&refs).await {
-                        eprintln!("bida bench: ack failed: {e}");
-                    }
-                    drop(permit);
-                });
-            }
-            let _ = acks.acquire_many(8).await;
-            e2e.lock().expect("hist").add(&local).expect("same bounds");
-        }));
+                let _ = acks.acquire_many(8).await;
+                e2e.lock().expect("hist").add(&local).expect("same bounds");
+            }));
+        }
     }
 
     let produce_start = Instant::now();
