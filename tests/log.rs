@@ -849,3 +849,67 @@ fn a_segment_left_unsealed_by_a_roll_is_sealed_at_open() {
         ));
     }
 }
+
+/// An unfinished seal whose index files are left from an earlier, shorter
+/// seal of the same segment (it became the active segment again when the
+/// next one was lost): open rebuilds them from the records.
+#[test]
+fn an_unfinished_seal_does_not_trust_index_files_it_finds() {
+    let index_files = |dir: &std::path::Path| -> Vec<Vec<u8>> {
+        ["index", "timeindex"]
+            .iter()
+            .map(|x| std::fs::read(dir.join(format!("{:020}.{x}", 0))).unwrap())
+            .collect()
+    };
+    // A short seal of segment 0: 20 records, then it grows too old and
+    // the next append rolls it.
+    let short = tempfile::tempdir().unwrap();
+    {
+        let opts = Options {
+            segment_age_ms: 50,
+            ..options()
+        };
+        let log = Log::open(short.path(), opts).unwrap();
+        append_one_by_one(&log, 20, 300);
+        std::thread::sleep(Duration::from_millis(100));
+        append_one_by_one_from(&log, 20, 1, 300);
+        assert!(log.segments().len() >= 2);
+        log.close().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let log = Log::open(dir.path(), options()).unwrap();
+        let w = append_one_by_one(&log, 400, 300);
+        log.close().unwrap();
+        w
+    };
+    let sealed = index_files(dir.path());
+    let first = log_file(dir.path(), 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len(options().segment_bytes)
+        .unwrap();
+    for suffix in ["index", "timeindex"] {
+        let name = format!("{:020}.{suffix}", 0);
+        std::fs::copy(short.path().join(&name), dir.path().join(&name)).unwrap();
+    }
+    assert_ne!(index_files(dir.path()), sealed, "the stale files differ");
+    let log = Log::open(dir.path(), options()).unwrap();
+    assert_eq!(index_files(dir.path()), sealed, "rebuilt from the records");
+    assert_eq!(read_all(&log).len(), written.len());
+}
+
+/// Like `append_one_by_one`, from offset `first`.
+fn append_one_by_one_from(log: &Log, first: u64, count: u64, len: usize) {
+    for i in first..first + count {
+        let p = payload(i, len);
+        let msg = Message {
+            id: id(i),
+            payload: &p,
+            ..Message::default()
+        };
+        assert_eq!(log.append_acked(&[msg]).unwrap().outcomes[0].offset, i);
+    }
+}

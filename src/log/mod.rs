@@ -800,8 +800,15 @@ impl Inner {
                 *lock(&self.spare) = Some(spare);
             }
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file; trying again in a second");
-                *lock(&self.spare_failed_at) = Some(Instant::now());
+                // Said once per run of failures (a full disk may last).
+                if lock(&self.spare_failed_at)
+                    .replace(Instant::now())
+                    .is_none()
+                {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file; trying again every second");
+                } else {
+                    tracing::debug!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file");
+                }
             }
         }
     }

@@ -248,10 +248,13 @@ impl Segment {
         if tail.end < bytes.len() && !damaged && data_end(&file, bytes, tail.end) == tail.end {
             // Records, then only zeros: a roll flushed this segment and the
             // process stopped before its seal (which the background thread
-            // runs). Finish the seal and open the result.
+            // runs). Finish the seal and open the result. The index comes
+            // from the records: index files found here may be from an
+            // earlier seal of a shorter segment (one that became the active
+            // segment again when the next one was lost).
             let index = match scan {
                 Some(scan) => scan.index,
-                None => index,
+                None => scan_segment(bytes, base_offset, index_interval, verify).index,
             };
             let end = tail.end as u64;
             drop(map);
