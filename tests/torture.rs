@@ -57,3 +57,22 @@ fn power_cuts_under_async_flush_lose_only_the_flush_window() {
         "{text}"
     );
 }
+
+#[test]
+fn crashes_in_rolls_and_background_seals_lose_nothing_acked() {
+    // 1 MiB segments: every cycle rolls many times, so kills and power
+    // cuts land between a roll and the background seal of its segment.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = torture(
+        dir.path(),
+        &[
+            "--cycles",
+            "6",
+            "--power-loss",
+            "--segment-bytes",
+            "1048576",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("no acked message lost"), "{text}");
+}

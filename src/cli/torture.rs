@@ -57,6 +57,10 @@ pub struct Args {
     /// itself); the run reports how many and how old.
     #[arg(long, value_enum, default_value_t = super::FlushArg::Sync)]
     flush: super::FlushArg,
+    /// The broker's segment size (default: its own). Small segments roll
+    /// many times per cycle, so kills land in rolls and background seals.
+    #[arg(long)]
+    segment_bytes: Option<u64>,
     /// For testing the checker itself: after the kill in this cycle, zero
     /// 64 KiB in the middle of the stored data (acked records), as a disk
     /// that lost them would. The run must then fail.
@@ -190,6 +194,7 @@ impl Broker {
         listen: &str,
         journal: Option<&PathBuf>,
         flush: &str,
+        segment_bytes: Option<u64>,
     ) -> Result<(Broker, SocketAddr), String> {
         use std::io::{BufRead, BufReader};
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -209,6 +214,7 @@ impl Broker {
             ])
             .arg("--data")
             .arg(data)
+            .args(segment_bytes.map(|b| format!("--segment-bytes={b}")))
             .env("BIDA_LOG", "error")
             .envs(journal.map(|j| ("BIDA_FLUSH_JOURNAL", j)))
             .stdout(Stdio::piped())
@@ -316,7 +322,13 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
         .then(|| args.data.with_extension("flush-journal"));
     let async_flush = args.flush == super::FlushArg::Async;
     let flush = if async_flush { "async" } else { "sync" };
-    let (mut broker, addr) = Broker::start(&args.data, "127.0.0.1:0", journal.as_ref(), flush)?;
+    let (mut broker, addr) = Broker::start(
+        &args.data,
+        "127.0.0.1:0",
+        journal.as_ref(),
+        flush,
+        args.segment_bytes,
+    )?;
     let (mut lost_total, mut lost_oldest_ms) = (0usize, 0u64);
     // When each kill happened: an ack the client handled just after a
     // kill was sent before it, so a loss is judged against every kill.
@@ -374,7 +386,13 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
         if args.sabotage_cycle == Some(cycle) {
             sabotage(&args.data)?;
         }
-        let (b, _) = Broker::start(&args.data, &listen, journal.as_ref(), flush)?;
+        let (b, _) = Broker::start(
+            &args.data,
+            &listen,
+            journal.as_ref(),
+            flush,
+            args.segment_bytes,
+        )?;
         broker = b;
         if async_flush {
             // A power cut under async flush may take back offsets already
