@@ -669,17 +669,18 @@ async fn sigterm_stops_cleanly_and_a_failed_send_reports_its_error() {
         .unwrap();
     let status = broker.terminate();
     assert!(status.success(), "clean exit: {status:?}");
-    // Clean shutdown: inspect finds every log intact and marked clean.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bida"))
-        .arg("inspect")
-        .arg(dir.path().join("topics/t/0"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // Clean shutdown: inspect finds every log intact and marked clean,
+    // the broker's own logs too.
+    for log in ["topics/t/0", "_groups", "_schedule"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bida"))
+            .arg("inspect")
+            .arg(dir.path().join(log))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{log}: {text}");
+        assert!(text.contains("clean shutdown"), "{log}: {text}");
+    }
     // With the broker gone, a send fails after its attempts with the last error.
     let err = producer
         .send(OutgoingMessage::new(&b"lost"[..]))

@@ -976,7 +976,8 @@ impl Schedule {
         if let Some(t) = self.thread.lock().expect("thread").take() {
             let _ = t.join();
         }
-        self.log.flush()?;
+        // Flushes and records a clean shutdown (the log is shared).
+        self.log.shutdown()?;
         Ok(())
     }
 

@@ -196,7 +196,7 @@ pub struct RetentionReport {
 pub struct Log {
     inner: Arc<Inner>,
     /// The background and prefault threads.
-    background: Vec<JoinHandle<()>>,
+    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -344,7 +344,7 @@ impl Log {
         }
         Ok(Log {
             inner,
-            background: threads,
+            background: Mutex::new(threads),
         })
     }
 
@@ -532,13 +532,27 @@ impl Log {
 
     /// Flushes everything, records a clean shutdown and releases the
     /// directory.
-    pub fn close(mut self) -> Result<()> {
+    pub fn close(self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// [`Log::close`] for a log shared behind an `Arc`: stops the
+    /// background threads, seals what a roll left, flushes and records a
+    /// clean shutdown. Appends fail afterwards; the directory is released
+    /// when the last reference goes.
+    pub fn shutdown(&self) -> Result<()> {
         self.stop_background();
+        {
+            let mut w = self.inner.lock_writer();
+            w.broken
+                .get_or_insert_with(|| "the log is closed".to_string());
+        }
         self.inner.finish_seal();
         if let Some(spare) = lock(&self.inner.spare).take() {
             spare.discard();
         }
-        self.flush()?;
+        let durable_offset = self.inner.lock_writer().next_offset;
+        self.inner.wait_durable(durable_offset)?;
         let durable_offset = self.inner.group.durable_offset();
         write_checkpoint(
             &self.inner.dir,
@@ -549,13 +563,14 @@ impl Log {
         )
     }
 
-    fn stop_background(&mut self) {
-        if self.background.is_empty() {
+    fn stop_background(&self) {
+        let handles: Vec<JoinHandle<()>> = lock(&self.background).drain(..).collect();
+        if handles.is_empty() {
             return;
         }
         let _ = self.inner.signal.send(Signal::Stop);
         let _ = self.inner.prefault_signal.send(Signal::Stop);
-        for handle in self.background.drain(..) {
+        for handle in handles {
             let _ = handle.join();
         }
     }
