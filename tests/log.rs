@@ -87,12 +87,7 @@ fn torn_last_record_is_truncated_at_every_length_with(options: Options) {
             copy_dir(source.path(), dir.path());
             let file = log_file(dir.path(), 0);
             if truncate_file {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&file)
-                    .unwrap()
-                    .set_len(last_at + cut)
-                    .unwrap();
+                set_file_len(&file, last_at + cut);
             } else {
                 patch_file(&file, last_at + cut, &vec![0u8; (rec - cut) as usize]);
             }
@@ -216,12 +211,7 @@ fn damaged_sealed_segment_is_reported_not_truncated() {
     }
     let first = log_file(dir.path(), 0);
     let len = std::fs::metadata(&first).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&first)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
+    set_file_len(&first, len - 10);
     let err = Log::open(dir.path(), options())
         .err()
         .expect("open must fail");
@@ -810,12 +800,7 @@ fn a_segment_left_unsealed_by_a_roll_is_sealed_at_open() {
         // Undo the seal of the first segment.
         let first = log_file(dir.path(), 0);
         let sealed_len = std::fs::metadata(&first).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&first)
-            .unwrap()
-            .set_len(options().segment_bytes)
-            .unwrap();
+        set_file_len(&first, options().segment_bytes);
         if !keep_index {
             for suffix in ["index", "timeindex"] {
                 std::fs::remove_file(dir.path().join(format!("{:020}.{suffix}", 0))).unwrap();
@@ -836,12 +821,7 @@ fn a_segment_left_unsealed_by_a_roll_is_sealed_at_open() {
         }
         log.close().unwrap();
         // Garbage (not zeros) after the records is damage, not an unfinished seal.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&first)
-            .unwrap()
-            .set_len(options().segment_bytes)
-            .unwrap();
+        set_file_len(&first, options().segment_bytes);
         patch_file(&first, sealed_len + 100, b"garbage");
         assert!(matches!(
             Log::open(dir.path(), options()),
@@ -885,12 +865,7 @@ fn an_unfinished_seal_does_not_trust_index_files_it_finds() {
     };
     let sealed = index_files(dir.path());
     let first = log_file(dir.path(), 0);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&first)
-        .unwrap()
-        .set_len(options().segment_bytes)
-        .unwrap();
+    set_file_len(&first, options().segment_bytes);
     for suffix in ["index", "timeindex"] {
         let name = format!("{:020}.{suffix}", 0);
         std::fs::copy(short.path().join(&name), dir.path().join(&name)).unwrap();

@@ -100,22 +100,8 @@ impl Segment {
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(StorageError::io(&path))?;
-        let created = (|| {
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
-                .map_err(|e| StorageError::io(&path)(e.into()))?;
-            file.sync_all().map_err(StorageError::io(&path))?;
-            sync_dir(dir)
-        })();
-        if let Err(e) = created {
-            // A full disk refuses the preallocation: take the empty file
-            // back, so the next attempt (once space is freed) can create
-            // it again.
+        let file = create_preallocated(&path, capacity, false)?;
+        if let Err(e) = sync_dir(dir) {
             drop(file);
             let _ = std::fs::remove_file(&path);
             return Err(e);
@@ -703,25 +689,34 @@ impl Spare {
 /// (a full disk) the file is removed.
 pub(crate) fn prepare_spare(dir: &Path, n: u64, capacity: u64, zeroes: bool) -> Result<Spare> {
     let path = dir.join(format!("{SPARE_PREFIX}{n}.tmp"));
+    let file = create_preallocated(&path, capacity, zeroes)?;
+    Ok(Spare { file, path })
+}
+
+/// Creates `path` (which must not exist) with `capacity` bytes reserved,
+/// written with zeros if `zeroes`, and synced. A full disk refuses the
+/// preallocation: the empty file is then taken back, so the next attempt
+/// (once space is freed) can create it again.
+fn create_preallocated(path: &Path, capacity: u64, zeroes: bool) -> Result<File> {
     let file = File::options()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(&path)
-        .map_err(StorageError::io(&path))?;
+        .open(path)
+        .map_err(StorageError::io(path))?;
     let prepared = (|| {
         rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
-            .map_err(|e| StorageError::io(&path)(e.into()))?;
+            .map_err(|e| StorageError::io(path)(e.into()))?;
         if zeroes {
-            write_zeroes(&path, &file, capacity).map_err(StorageError::io(&path))?;
+            write_zeroes(path, &file, capacity).map_err(StorageError::io(path))?;
         }
-        file.sync_all().map_err(StorageError::io(&path))
+        file.sync_all().map_err(StorageError::io(path))
     })();
     match prepared {
-        Ok(()) => Ok(Spare { file, path }),
+        Ok(()) => Ok(file),
         Err(e) => {
             drop(file);
-            let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(path);
             Err(e)
         }
     }

@@ -94,6 +94,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Cuts or extends (with zeros) the file at `path` to `len` bytes.
+pub fn set_file_len(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 pub fn patch_file(path: &Path, at: u64, bytes: &[u8]) {
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
