@@ -131,12 +131,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Waits for a log to be durable up to a target without blocking async
-/// tasks: one thread per partition takes every pending request, leads one
-/// group commit for the highest target, and answers them all.
 /// A request to the waiter: the target offset, and whom to tell.
 type DurableRequest = (u64, oneshot::Sender<Result<(), String>>);
 
+/// Waits for a log to be durable up to a target without blocking async
+/// tasks: each of its threads takes every pending request, leads one group
+/// commit for the highest target, and answers them all.
 struct DurabilityWaiter {
     tx: Option<crossbeam_channel::Sender<DurableRequest>>,
     threads: Vec<JoinHandle<()>>,
