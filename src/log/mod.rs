@@ -551,8 +551,7 @@ impl Log {
         if let Some(spare) = lock(&self.inner.spare).take() {
             spare.discard();
         }
-        let durable_offset = self.inner.lock_writer().next_offset;
-        self.inner.wait_durable(durable_offset)?;
+        self.flush()?;
         let durable_offset = self.inner.group.durable_offset();
         write_checkpoint(
             &self.inner.dir,
@@ -584,7 +583,7 @@ impl Drop for Log {
 
 impl Inner {
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.writer)
     }
 
     fn segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {
@@ -915,8 +914,6 @@ impl Inner {
         if !doomed.is_empty() {
             // Not while its seal may still be writing index files.
             self.finish_seal();
-        }
-        if !doomed.is_empty() {
             let mut segments = self.segments.write().unwrap_or_else(|p| p.into_inner());
             segments.retain(|s| !doomed.iter().any(|d| Arc::ptr_eq(s, d)));
         }

@@ -106,6 +106,17 @@ impl Segment {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
+        Self::empty_active(path, file, base_offset, capacity, write_path)
+    }
+
+    /// Maps a new file with no records yet as the active segment.
+    fn empty_active(
+        path: PathBuf,
+        file: File,
+        base_offset: u64,
+        capacity: u64,
+        write_path: WritePath,
+    ) -> Result<(Arc<Segment>, MapWriter)> {
         let scan = Scan {
             next_offset: base_offset,
             ..Scan::default()
@@ -135,18 +146,7 @@ impl Segment {
             )));
         }
         fs::rename(&from, &path).map_err(StorageError::io(&from))?;
-        let scan = Scan {
-            next_offset: base_offset,
-            ..Scan::default()
-        };
-        let parts = Self::active_from_scan(
-            path,
-            spare,
-            base_offset,
-            capacity as usize,
-            scan,
-            write_path,
-        )?;
+        let parts = Self::empty_active(path, spare, base_offset, capacity, write_path)?;
         parts.0.dir_unsynced.store(true, Ordering::Release);
         Ok(parts)
     }
@@ -242,22 +242,13 @@ impl Segment {
                 Some(scan) => scan.index,
                 None => scan_segment(bytes, base_offset, index_interval, verify).index,
             };
-            let end = tail.end as u64;
+            let end = tail.end;
             drop(map);
-            write_file_synced(
-                &dir.join(file_name(base_offset, INDEX_SUFFIX)),
-                &index.encode_offsets(),
-            )?;
-            write_file_synced(
-                &dir.join(file_name(base_offset, TIME_INDEX_SUFFIX)),
-                &index.encode_times(),
-            )?;
             let file = File::options()
                 .write(true)
                 .open(&path)
                 .map_err(StorageError::io(&path))?;
-            file.set_len(end).map_err(StorageError::io(&path))?;
-            file.sync_all().map_err(StorageError::io(&path))?;
+            write_seal(dir, base_offset, &index, &file, &path, end)?;
             tracing::warn!(segment = %path.display(), bytes = end, "finished the seal of a segment left unsealed by a roll");
             return Self::open_sealed(dir, base_offset, index_interval, verify);
         }
@@ -565,20 +556,9 @@ impl Segment {
         self.flush_to(end)?;
         drop(writer);
         let index = self.index().clone();
-        write_file_synced(
-            &dir.join(file_name(self.base_offset, INDEX_SUFFIX)),
-            &index.encode_offsets(),
-        )?;
-        write_file_synced(
-            &dir.join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
-            &index.encode_times(),
-        )?;
         // SAFETY of the truncation for readers is argued in mmap.rs: nothing
         // reads or writes past `published` == `end`.
-        self.file
-            .set_len(end as u64)
-            .map_err(StorageError::io(&self.path))?;
-        self.file.sync_all().map_err(StorageError::io(&self.path))?;
+        write_seal(dir, self.base_offset, &index, &self.file, &self.path, end)?;
         self.sealed.store(true, Ordering::Release);
         Ok(())
     }
@@ -667,6 +647,28 @@ fn load_index(
     let read =
         |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
     SegmentIndex::decode(&read(INDEX_SUFFIX)?, &read(TIME_INDEX_SUFFIX)?, segment_len)
+}
+
+/// The seal's writes: both index files, then the segment cut to `end`
+/// bytes and synced.
+fn write_seal(
+    dir: &Path,
+    base_offset: u64,
+    index: &SegmentIndex,
+    file: &File,
+    path: &Path,
+    end: usize,
+) -> Result<()> {
+    write_file_synced(
+        &dir.join(file_name(base_offset, INDEX_SUFFIX)),
+        &index.encode_offsets(),
+    )?;
+    write_file_synced(
+        &dir.join(file_name(base_offset, TIME_INDEX_SUFFIX)),
+        &index.encode_times(),
+    )?;
+    file.set_len(end as u64).map_err(StorageError::io(path))?;
+    file.sync_all().map_err(StorageError::io(path))
 }
 
 /// A prepared file for the next segment.
