@@ -12,6 +12,7 @@
 //! checkpoint and applies retention. Reads take no lock beyond a brief read
 //! lock on the segment list, and return zero-copy views of the maps.
 
+pub mod clock;
 pub mod dedup;
 pub mod error;
 mod flush;
@@ -29,11 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+pub use clock::Clock;
 pub use dedup::DedupIndex;
 pub use error::{Result, StorageError};
 pub use options::{
@@ -462,7 +464,8 @@ impl Log {
     /// Deletes whole sealed segments beyond the retention limits now (the
     /// background thread also does this periodically).
     pub fn apply_retention(&self) -> Result<RetentionReport> {
-        self.inner.apply_retention(now_ms())
+        self.inner
+            .apply_retention(self.inner.options.clock.now_ms())
     }
 
     /// Calls `observe` with the duration of every flush (fsync) of the
@@ -603,7 +606,7 @@ impl Inner {
         if let Some(reason) = w.broken.clone().or_else(|| self.group.failure()) {
             return Err(StorageError::Failed(reason));
         }
-        let now = now_ms().max(w.last_timestamp_ms);
+        let now = self.options.clock.now_ms().max(w.last_timestamp_ms);
         w.dedup.expire(now);
         let durable = self.group.durable_offset();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -996,7 +999,7 @@ fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
             }
         }
         if last_retention.elapsed() >= retention_interval {
-            if let Err(e) = inner.apply_retention(now_ms()) {
+            if let Err(e) = inner.apply_retention(inner.options.clock.now_ms()) {
                 tracing::warn!(error = %e, "retention failed");
             }
             last_retention = Instant::now();
@@ -1221,6 +1224,12 @@ fn judge_tail(
 }
 
 /// Loads the ids of the last `records_max` records into a fresh window.
+/// Refills the dedup window from the records still inside it: the last
+/// `records_max` offsets, less those older than `age_ms_max`. A sealed
+/// segment whose newest record is already too old is passed over whole, and
+/// the walk moves past its end, so the next segment is read from its own
+/// first offset (reading on from below a segment's base would find nothing
+/// and end the rebuild, leaving the window empty).
 fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64) -> DedupIndex {
     let mut dedup = DedupIndex::new(options.dedup);
     if !dedup.enabled() {
@@ -1230,14 +1239,17 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
     let mut offset = next_offset
         .saturating_sub(options.dedup.records_max)
         .max(start_offset);
-    let now = now_ms();
+    let now = options.clock.now_ms();
     let oldest_ms = now.saturating_sub(options.dedup.age_ms_max);
     for segment in segments {
-        if segment.next_offset() <= offset
-            || segment.last_timestamp_ms().is_some_and(|ts| ts < oldest_ms)
-        {
+        if segment.next_offset() <= offset {
             continue;
         }
+        if segment.last_timestamp_ms().is_some_and(|ts| ts < oldest_ms) {
+            offset = segment.next_offset();
+            continue;
+        }
+        offset = offset.max(segment.base_offset);
         while offset < segment.next_offset() {
             let Ok(Some(read)) = segment.read(offset, 4096, 4 << 20) else {
                 break;
@@ -1258,6 +1270,9 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
                 break;
             }
         }
+        // Whatever stopped the walk inside this segment, the next one is
+        // read from its own base.
+        offset = offset.max(segment.next_offset());
     }
     dedup.expire(now);
     dedup
@@ -1400,10 +1415,4 @@ fn log_report(dir: &Path, report: &RecoveryReport) {
             "opened log"
         );
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -1,5 +1,6 @@
 //! Every knob of the storage engine, in one place, with its default.
 
+use super::clock::Clock;
 use super::error::{Result, StorageError};
 use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
 
@@ -149,6 +150,10 @@ pub struct Options {
     pub verify_sealed_on_open: bool,
     /// How often the background thread applies retention. Default: 10 s.
     pub retention_check_interval_ms: u64,
+    /// The clock records are stamped with and every age (dedup window,
+    /// segment age, retention) is judged by. Default: the system clock;
+    /// tests inject a manual one.
+    pub clock: Clock,
 }
 
 /// The smallest segment accepted.
@@ -184,6 +189,7 @@ impl Default for Options {
             prefault_bytes: 32 << 20,
             verify_sealed_on_open: false,
             retention_check_interval_ms: 10_000,
+            clock: Clock::system(),
         }
     }
 }
