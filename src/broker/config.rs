@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::log::{FlushMode, Preallocate, WritePath};
+use crate::log::{Clock, FlushMode, Preallocate, WritePath};
 use crate::protocol::body::{Backoff, PARTITIONS_MAX};
 use crate::protocol::FRAME_BYTES_MAX;
 
@@ -125,6 +125,10 @@ pub struct BrokerConfig {
     /// Delayed messages pending at once; more get BUSY. Default: 10,000,000
     /// (16 bytes of memory each).
     pub delayed_max: usize,
+    /// The clock every log of the broker stamps and ages records by, and
+    /// the schedule fires delayed messages and checks transactions by. Not a
+    /// TOML key or flag: the system clock, or a manual one in tests.
+    pub clock: Clock,
 }
 
 impl Default for BrokerConfig {
@@ -169,6 +173,7 @@ impl Default for BrokerConfig {
             txn_check_max: 15,
             txn_open_max: 100_000,
             delayed_max: 10_000_000,
+            clock: Clock::system(),
         }
     }
 }

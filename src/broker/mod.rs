@@ -1151,6 +1151,7 @@ fn log_options(config: &BrokerConfig) -> Options {
         preallocate: config.preallocate,
         segment_bytes: config.segment_bytes,
         record_bytes_max: config.record_bytes_max,
+        clock: config.clock.clone(),
         ..Options::default()
     };
     o.dedup.records_max = config.dedup_window_ids;

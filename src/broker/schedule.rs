@@ -43,7 +43,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::mpsc;
 
-use super::{now_ms, Broker, BrokerError};
+use super::{Broker, BrokerError};
 use crate::log::record::{InnerMsgId, Message};
 use crate::log::{Appended, Log, Options, Record};
 use crate::protocol::body::ProduceRequest;
@@ -297,7 +297,7 @@ impl Schedule {
         let mut state = State::default();
         let mut delayed: HashMap<u64, u64> = HashMap::new();
         let mut fired: HashSet<u64> = HashSet::new();
-        let now = now_ms();
+        let now = log.options().clock.now_ms();
         let mut offset = log.start_offset();
         let end = log.next_offset();
         while offset < end {
@@ -404,12 +404,23 @@ impl Schedule {
         Ok(())
     }
 
+    /// The broker's clock (a manual one in tests).
+    fn now_ms(&self) -> u64 {
+        self.log.options().clock.now_ms()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn poke(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    /// Makes the scheduler look at its timers now rather than at its next
+    /// tick (up to 500 ms away): for a clock that jumps (tests).
+    pub fn wake(&self) {
+        self.poke();
     }
 
     /// Delayed messages pending, and undecided transactions.
@@ -438,7 +449,7 @@ impl Schedule {
                 self.limits.delayed_max
             )));
         }
-        let due_ms = now_ms() + delay_ms;
+        let due_ms = self.now_ms() + delay_ms;
         let payloads: Vec<Vec<u8>> = req
             .messages
             .iter()
@@ -530,7 +541,7 @@ impl Schedule {
         // Appended under the state lock: a decision cannot slip between
         // the append and the bookkeeping.
         let appended = self.append(&records)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let check_after = self.limits.check_after_ms;
         let t = s.txns.entry(txn_id).or_insert_with(|| Txn {
             group: group.to_owned(),
@@ -594,7 +605,7 @@ impl Schedule {
                     )))
                 }
                 (Phase::Open, TxnState::Open) => {
-                    t.next_check_ms = now_ms() + self.check_delay(t.checks);
+                    t.next_check_ms = self.now_ms() + self.check_delay(t.checks);
                     return Ok(EndReply {
                         state: TxnState::Open,
                         placed: Vec::new(),
@@ -660,7 +671,7 @@ impl Schedule {
                     // Whether the decision reached the disk is unknown:
                     // Decided makes the retry write it again, harmlessly.
                     t.phase = Phase::Decided(state);
-                    t.next_check_ms = now_ms() + RETRY_MS;
+                    t.next_check_ms = self.now_ms() + RETRY_MS;
                 }
             }
         }
@@ -780,7 +791,7 @@ impl Schedule {
     fn run(self: Arc<Self>, broker: Weak<Broker>, wake: Receiver<()>) {
         let mut last_compact = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
-            let now = now_ms();
+            let now = self.now_ms();
             let next = {
                 let s = self.lock();
                 let timer = s.timers.peek().map(|Reverse((d, _))| *d);
@@ -815,7 +826,7 @@ impl Schedule {
     }
 
     fn fire_due(&self, broker: &Broker) {
-        let now = now_ms();
+        let now = self.now_ms();
         let due: Vec<u64> = {
             let mut s = self.lock();
             let mut due = Vec::new();
@@ -861,7 +872,7 @@ impl Schedule {
             RollBackAtLimit,
             Apply(TxnState),
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let work: Vec<(u128, Action, Vec<u64>, String)> = {
             let mut s = self.lock();
             let mut work = Vec::new();
@@ -948,8 +959,12 @@ impl Schedule {
         })
     }
 
-    /// Deletes schedule segments wholly below every entry still needed.
-    fn compact(&self) {
+    /// Deletes schedule segments wholly below every entry still needed and
+    /// below the dedup window: a segment whose ids are still in the window
+    /// must outlive a restart, or the window rebuilt from the log would miss
+    /// them and a retried PRODUCE_DELAYED or TXN_HALF be stored (and fire)
+    /// again.
+    pub fn compact(&self) {
         let low = {
             let s = self.lock();
             let timers = s.timers.iter().map(|Reverse((_, o))| *o).min();
@@ -963,6 +978,7 @@ impl Schedule {
                 .chain(txns)
                 .min()
                 .unwrap_or_else(|| self.log.next_offset())
+                .min(self.log.dedup_window_start())
         };
         if let Err(e) = self.log.delete_before(low) {
             tracing::warn!(error = %e, "could not delete old schedule segments");

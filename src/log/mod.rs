@@ -527,6 +527,23 @@ impl Log {
         self.inner.lock_writer().dedup.lookup(id)
     }
 
+    /// The first offset whose id the dedup window must still remember (the
+    /// log's end when it remembers none): records from here on must not be
+    /// deleted if the window is to survive a restart.
+    pub fn dedup_window_start(&self) -> u64 {
+        let mut w = self.inner.lock_writer();
+        if !w.dedup.enabled() {
+            return w.next_offset;
+        }
+        let now = self.inner.options.clock.now_ms().max(w.last_timestamp_ms);
+        w.dedup.expire(now);
+        if w.dedup.ids_in_window() == 0 {
+            w.next_offset
+        } else {
+            w.dedup.window_start()
+        }
+    }
+
     /// Heap bytes of the dedup window, and the ids it holds.
     pub fn dedup_memory(&self) -> (usize, u64) {
         let w = self.inner.lock_writer();
