@@ -549,7 +549,14 @@ async fn read_frame(s: &mut TcpStream) -> Option<(frame::FrameHeader, Vec<u8>)> 
     Some((h, body))
 }
 
-async fn expect_error_then_close(bytes: &[u8], broker: SocketAddr, code: ErrorCode) {
+/// Sends `bytes` on a new connection and expects one ERROR frame with
+/// `code` and `correlation_id`, then the close.
+async fn expect_error_then_close(
+    bytes: &[u8],
+    broker: SocketAddr,
+    code: ErrorCode,
+    correlation_id: u64,
+) {
     let mut s = TcpStream::connect(broker).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let (h, body) = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s))
@@ -559,6 +566,11 @@ async fn expect_error_then_close(bytes: &[u8], broker: SocketAddr, code: ErrorCo
     assert_eq!(h.opcode, Opcode::Error);
     let e = ErrorBody::decode(&body).unwrap();
     assert_eq!(e.code, code as u16, "{}", e.message);
+    assert_eq!(
+        h.correlation_id, correlation_id,
+        "the ERROR's correlation id ({})",
+        e.message
+    );
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
         .await
@@ -582,13 +594,25 @@ async fn bad_frames_get_an_error_and_a_close_and_hurt_no_one_else() {
 
     let mut bad_magic = frame::encode(Opcode::Ping, 0, 1, b"");
     bad_magic[4] ^= 0xFF;
-    expect_error_then_close(&bad_magic, broker.addr, ErrorCode::MalformedFrame).await;
+    // A header that does not decode: correlation id 0.
+    expect_error_then_close(&bad_magic, broker.addr, ErrorCode::MalformedFrame, 0).await;
     let mut huge = frame::encode(Opcode::Ping, 0, 1, b"");
     huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    expect_error_then_close(&huge, broker.addr, ErrorCode::FrameTooLarge).await;
+    expect_error_then_close(&huge, broker.addr, ErrorCode::FrameTooLarge, 0).await;
     let mut unknown = frame::encode(Opcode::Ping, 0, 1, b"");
     unknown[7] = 0x4E;
-    expect_error_then_close(&unknown, broker.addr, ErrorCode::UnknownOpcode).await;
+    expect_error_then_close(&unknown, broker.addr, ErrorCode::UnknownOpcode, 0).await;
+    let mut bad_ver = frame::encode(Opcode::Ping, 0, 1, b"");
+    bad_ver[6] = 2;
+    expect_error_then_close(&bad_ver, broker.addr, ErrorCode::UnsupportedVersion, 0).await;
+    // A header that decodes, a body that does not: the request's id.
+    expect_error_then_close(
+        &frame::encode(Opcode::Ping, 0, 5, b"trailing"),
+        broker.addr,
+        ErrorCode::MalformedFrame,
+        5,
+    )
+    .await;
     // A well-framed PRODUCE whose body lies about its counts.
     let mut body = Vec::new();
     bida::protocol::Put::put_str(&mut body, "t");
@@ -598,6 +622,7 @@ async fn bad_frames_get_an_error_and_a_close_and_hurt_no_one_else() {
         &frame::encode(Opcode::Produce, 0, 9, &body),
         broker.addr,
         ErrorCode::MalformedFrame,
+        9,
     )
     .await;
 
@@ -607,6 +632,63 @@ async fn bad_frames_get_an_error_and_a_close_and_hurt_no_one_else() {
         .await
         .unwrap();
     assert_eq!(r.offset, 1);
+}
+
+/// Values out of range in a body that decodes (a bad TopicConfig, a name
+/// over 200 bytes, ACK with a delay) cost only their request: INVALID_REQUEST
+/// with its id, and the requests pipelined behind it are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_values_in_a_request_cost_only_that_request() {
+    use bida::protocol::body::{AckRequest, CreateTopic, TopicConfig as WireConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let create = |topic: &str, config: WireConfig| {
+        let mut body = Vec::new();
+        CreateTopic {
+            topic: topic.into(),
+            partitions: 1,
+            if_not_exists: false,
+            config,
+        }
+        .encode(&mut body);
+        body
+    };
+    let mut bad_backoff = create("a", WireConfig::default());
+    // backoff_kind 9 (byte 2 + 1 + 4 + 1 + 4 + 2 = after name, partitions,
+    // if_not_exists, ack_timeout_ms, max_deliveries).
+    let kind_at = 2 + 1 + 4 + 1 + 4 + 2;
+    bad_backoff[kind_at] = 9;
+    let long_name = create(&"n".repeat(201), WireConfig::default());
+    let mut ack = Vec::new();
+    AckRequest {
+        topic: "a".into(),
+        group: "g".into(),
+        delay_ms: 5,
+        entries: vec![(0, 0)],
+    }
+    .encode(&mut ack);
+    let mut pipeline = Vec::new();
+    pipeline.extend(frame::encode(Opcode::CreateTopic, 0, 11, &bad_backoff));
+    pipeline.extend(frame::encode(Opcode::CreateTopic, 0, 12, &long_name));
+    pipeline.extend(frame::encode(Opcode::Ack, 0, 13, &ack));
+    pipeline.extend(frame::encode(Opcode::Ping, 0, 14, b""));
+    let mut s = TcpStream::connect(broker.addr).await.unwrap();
+    s.write_all(&pipeline).await.unwrap();
+    let mut answers = HashMap::new();
+    for _ in 0..4 {
+        let (h, body) = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s))
+            .await
+            .unwrap()
+            .expect("an answer to every pipelined request");
+        answers.insert(h.correlation_id, (h.opcode, body));
+    }
+    for id in [11, 12, 13] {
+        let (op, body) = &answers[&id];
+        assert_eq!(*op, Opcode::Error, "request {id}");
+        let e = ErrorBody::decode(body).unwrap();
+        assert_eq!(e.code, ErrorCode::InvalidRequest as u16, "{}", e.message);
+    }
+    assert_eq!(answers[&14].0, Opcode::Ping, "the connection is still open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,3 +76,34 @@ fn crashes_in_rolls_and_background_seals_lose_nothing_acked() {
     assert!(ok, "{text}");
     assert!(text.contains("no acked message lost"), "{text}");
 }
+
+#[test]
+fn retries_across_restarts_are_stored_once_past_a_short_dedup_window() {
+    // A 2-second window and 1 MiB segments: after the first few cycles
+    // every restart rebuilds the window behind sealed segments older than
+    // it, where a retried batch was once stored a second time.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, text) = torture(
+        dir.path(),
+        &[
+            "--cycles",
+            "16",
+            "--segment-bytes",
+            "1048576",
+            "--dedup-window-ms",
+            "2000",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("none stored twice"), "{text}");
+    let in_seconds = text
+        .split(" cycles in ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse::<f64>().ok())
+        .expect("the run's length");
+    assert!(
+        in_seconds > 2.0,
+        "the run must outlast the dedup window to reach the rebuild path: {text}"
+    );
+}

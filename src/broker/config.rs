@@ -388,9 +388,9 @@ pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
 }
 
 /// Every top-level key of the config file (docs/bida.example.toml shows
-/// each with its default).
-#[cfg(test)]
-const FILE_KEYS: &[&str] = &[
+/// each with its default). Each has a `bida serve` flag of the same name
+/// in kebab case; the `[backoff]` table is the only file-only setting.
+pub const FILE_KEYS: &[&str] = &[
     "write_path",
     "preallocate",
     "data_dir",

@@ -590,10 +590,14 @@ async fn connection<R, W>(
                         Err(_) => break 'connection,
                     };
                     if let Err(e) = dispatch(&conn, h, body, permit).await {
-                        tracing::debug!(?peer, error = %e, "closing connection after a protocol error");
                         conn.send(error_frame(h.correlation_id, e.code(), e.to_string()))
                             .await;
-                        break 'connection;
+                        // A value out of range (a code of 100 or more) costs
+                        // only its request: the stream is still in step.
+                        if (e.code() as u16) < 100 {
+                            tracing::debug!(?peer, error = %e, "closing connection after a protocol error");
+                            break 'connection;
+                        }
                     }
                 }
                 Ok(Some(h)) => {
@@ -821,7 +825,16 @@ async fn dispatch(
             };
             conn.send(conn.reply(&h, |o| reply.encode(o))).await;
         }
-        Opcode::Ping => conn.send(conn.reply(&h, |_| {})).await,
+        Opcode::Ping => {
+            if !body.is_empty() {
+                return Err(WireError::Malformed(format!(
+                    "PING has an empty body, got {} bytes",
+                    body.len()
+                ))
+                .into());
+            }
+            conn.send(conn.reply(&h, |_| {})).await
+        }
         Opcode::CreateTopic => {
             let req = body::CreateTopic::decode(&body)?;
             let result = tokio::task::block_in_place(|| broker.create_topic(&req));
@@ -976,6 +989,13 @@ async fn dispatch(
         }
         Opcode::Ack | Opcode::Nack => {
             let req = AckRequest::decode(&body)?;
+            if h.opcode == Opcode::Ack && req.delay_ms != 0 {
+                return Err(WireError::InvalidValue {
+                    field: "delay_ms",
+                    reason: format!("ACK takes delay_ms 0 (it is NACK's), got {}", req.delay_ms),
+                }
+                .into());
+            }
             let conn = conn.clone();
             tokio::spawn(async move {
                 let frame = match conn.broker.ack(&req, h.opcode == Opcode::Nack).await {

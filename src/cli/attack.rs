@@ -41,6 +41,8 @@ pub struct Args {
     /// The broker to attack.
     #[arg(long, default_value = "127.0.0.1:7650")]
     broker: SocketAddr,
+    #[command(flatten)]
+    pub client: super::ClientArgs,
     #[arg(long, value_enum)]
     kind: Kind,
     /// Connections (for flood: concurrent connect loops).

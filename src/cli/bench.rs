@@ -27,6 +27,8 @@ pub struct Args {
     /// Broker to load; without it, a broker is started in this process.
     #[arg(long)]
     broker: Option<SocketAddr>,
+    #[command(flatten)]
+    pub client: super::ClientArgs,
     /// Embedded broker: data directory (created; removed afterwards).
     #[arg(long, default_value = "./bida-bench-data")]
     data: PathBuf,

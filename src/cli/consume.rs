@@ -15,6 +15,8 @@ pub struct Args {
     /// Broker address.
     #[arg(long, default_value = DEFAULT_BROKER)]
     broker: SocketAddr,
+    #[command(flatten)]
+    pub client: super::ClientArgs,
     #[arg(long)]
     topic: String,
     /// Consumer group.

@@ -29,20 +29,25 @@ pub struct Cli {
     /// line. The level comes from BIDA_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Token for a broker started with --auth-token (produce, consume,
-    /// topics, bench)
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How a client subcommand reaches a broker: only the subcommands that
+/// connect to one (produce, consume, topics, bench, attack) take these.
+#[derive(clap::Args, Debug, Default)]
+pub struct ClientArgs {
+    /// Token for a broker started with --auth-token
     #[arg(long, global = true, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Speak TLS to the broker, trusting the CA certificate(s) in this PEM
-    /// file (produce, consume, topics, bench)
+    /// file
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
     /// With --tls-ca: the name the broker's certificate must carry
     /// [default: the broker's IP address]
     #[arg(long, global = true, requires = "tls_ca")]
     pub tls_server_name: Option<String>,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -54,7 +59,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the broker until SIGINT/SIGTERM.
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Send one message per stdin line.
     Produce(produce::Args),
     /// Print messages of a topic for a consumer group, acking each.
@@ -218,10 +223,20 @@ pub async fn connect(
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let _ = TOKEN.set(cli.token.filter(|t| !t.is_empty()));
-    let _ = TLS.set(cli.tls_ca.map(|ca| (ca, cli.tls_server_name)));
+    let client = match &cli.command {
+        Command::Produce(a) => Some(&a.client),
+        Command::Consume(a) => Some(&a.client),
+        Command::Topics(a) => Some(&a.client),
+        Command::Bench(a) => Some(&a.client),
+        Command::Attack(a) => Some(&a.client),
+        _ => None,
+    };
+    if let Some(c) = client {
+        let _ = TOKEN.set(c.token.clone().filter(|t| !t.is_empty()));
+        let _ = TLS.set(c.tls_ca.clone().map(|ca| (ca, c.tls_server_name.clone())));
+    }
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Produce(args) => produce::run(args),
         Command::Consume(args) => consume::run(args),
         Command::Topics(args) => topics::run(args),
@@ -231,5 +246,55 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Read(args) => read::run(args),
         Command::Torture(args) => torture::run(args),
         Command::Attack(args) => attack::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    fn long_flags(subcommand: &str) -> Vec<String> {
+        let mut cli = Cli::command();
+        cli.build();
+        let sub = cli
+            .find_subcommand(subcommand)
+            .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+        sub.get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn every_config_file_key_has_a_serve_flag() {
+        let flags = long_flags("serve");
+        for key in bida::broker::config::FILE_KEYS {
+            let flag = key.replace('_', "-");
+            let flag = match flag.as_str() {
+                "data-dir" => "data".to_string(),
+                _ => flag,
+            };
+            assert!(
+                flags.contains(&flag),
+                "config key {key} has no `bida serve --{flag}`"
+            );
+        }
+    }
+
+    #[test]
+    fn each_subcommand_shows_only_the_options_it_uses() {
+        let client_only = ["token", "tls-ca", "tls-server-name"];
+        for sub in ["serve", "inspect", "append", "read", "torture"] {
+            let flags = long_flags(sub);
+            for f in client_only {
+                assert!(!flags.iter().any(|x| x == f), "bida {sub} lists --{f}");
+            }
+        }
+        for sub in ["produce", "consume", "topics", "bench", "attack"] {
+            let flags = long_flags(sub);
+            for f in client_only {
+                assert!(flags.iter().any(|x| x == f), "bida {sub} lacks --{f}");
+            }
+        }
     }
 }

@@ -16,6 +16,8 @@ pub struct Args {
     /// Broker address.
     #[arg(long, default_value = DEFAULT_BROKER)]
     broker: SocketAddr,
+    #[command(flatten)]
+    pub client: super::ClientArgs,
     /// Topic (created if missing).
     #[arg(long)]
     topic: String,

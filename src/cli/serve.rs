@@ -113,6 +113,40 @@ pub struct Args {
     /// [default: 15]
     #[arg(long)]
     pub txn_check_max: Option<u32>,
+    /// Largest record accepted, header included [default: 1048576]
+    #[arg(long)]
+    pub record_bytes_max: Option<u32>,
+    /// Age in ms past which an inner-msg-id leaves the dedup window
+    /// [default: 600000]
+    #[arg(long)]
+    pub dedup_window_ms: Option<u64>,
+    /// Delete sealed segments older than this many ms; 0: no age limit
+    /// [default: 604800000]
+    #[arg(long)]
+    pub retention_ms: Option<u64>,
+    /// Delete the oldest sealed segments while a partition is larger than
+    /// this; 0: no size limit [default: 0]
+    #[arg(long)]
+    pub retention_bytes: Option<u64>,
+    /// How often retention is applied, in ms [default: 10000]
+    #[arg(long)]
+    pub retention_check_interval_ms: Option<u64>,
+    /// Create a topic on its first produce or fetch [default: true]
+    #[arg(long, value_name = "BOOL")]
+    pub auto_create_topics: Option<bool>,
+    /// Unacked deliveries a group may hold per partition [default: 100000]
+    #[arg(long)]
+    pub unacked_max: Option<u64>,
+    /// Rewrite the groups log once it holds this many bytes
+    /// [default: 67108864]
+    #[arg(long)]
+    pub groups_compact_bytes: Option<u64>,
+    /// Undecided transactions held at once [default: 100000]
+    #[arg(long)]
+    pub txn_open_max: Option<usize>,
+    /// Delayed messages pending at once [default: 10000000]
+    #[arg(long)]
+    pub delayed_max: Option<usize>,
 }
 
 impl Args {
@@ -176,10 +210,24 @@ impl Args {
             frame_timeout_ms,
             frame_memory_max,
             dedup_window_ids,
+            record_bytes_max,
+            dedup_window_ms,
+            retention_check_interval_ms,
+            auto_create_topics,
+            unacked_max,
+            groups_compact_bytes,
+            txn_open_max,
+            delayed_max,
             txn_check_after_ms,
             txn_check_interval_ms,
             txn_check_max
         );
+        if let Some(v) = self.retention_ms {
+            c.retention_ms = (v > 0).then_some(v);
+        }
+        if let Some(v) = self.retention_bytes {
+            c.retention_bytes = (v > 0).then_some(v);
+        }
         c.validate()?;
         Ok(c)
     }

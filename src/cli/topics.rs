@@ -13,6 +13,8 @@ pub struct Args {
     /// Broker address.
     #[arg(long, default_value = DEFAULT_BROKER, global = true)]
     broker: SocketAddr,
+    #[command(flatten)]
+    pub client: super::ClientArgs,
     #[command(subcommand)]
     command: Option<TopicsCommand>,
 }

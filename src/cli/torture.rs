@@ -61,6 +61,12 @@ pub struct Args {
     /// many times per cycle, so kills land in rolls and background seals.
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// The broker's dedup window by age (default: its own, 10 minutes). A
+    /// window of a few seconds with small segments makes every restart
+    /// rebuild a window that sealed segments older than it precede: the
+    /// path where a retried message was once stored twice.
+    #[arg(long)]
+    dedup_window_ms: Option<u64>,
     /// For testing the checker itself: after the kill in this cycle, zero
     /// 64 KiB in the middle of the stored data (acked records), as a disk
     /// that lost them would. The run must then fail.
@@ -169,6 +175,8 @@ const ASYNC_INTERVAL_MS: u64 = 100;
 /// under async flush: the flush's own duration on a loaded machine.
 const ASYNC_SLACK_MS: u64 = 400;
 
+/// The broker's default dedup window by age (`dedup_window_ms`).
+const DEDUP_WINDOW_MS_DEFAULT: u64 = 600_000;
 const TOPIC: &str = "torture";
 const GROUP: &str = "workers";
 
@@ -195,6 +203,7 @@ impl Broker {
         journal: Option<&PathBuf>,
         flush: &str,
         segment_bytes: Option<u64>,
+        dedup_window_ms: Option<u64>,
     ) -> Result<(Broker, SocketAddr), String> {
         use std::io::{BufRead, BufReader};
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -215,6 +224,7 @@ impl Broker {
             .arg("--data")
             .arg(data)
             .args(segment_bytes.map(|b| format!("--segment-bytes={b}")))
+            .args(dedup_window_ms.map(|ms| format!("--dedup-window-ms={ms}")))
             .env("BIDA_LOG", "error")
             .envs(journal.map(|j| ("BIDA_FLUSH_JOURNAL", j)))
             .stdout(Stdio::piped())
@@ -262,6 +272,12 @@ struct Ledger {
     txn_intent: HashMap<u128, bool>,
     /// Transactions whose commit the broker acknowledged.
     txn_committed: HashMap<u128, Instant>,
+    /// Producer sends the broker answered duplicate: retries of a batch
+    /// already stored, and how many came within a second of a restart.
+    duplicates: u64,
+    duplicates_after_restart: u64,
+    /// When the broker was last restarted.
+    restarted: Option<Instant>,
 }
 
 /// A transactional message's payload: marker, transaction id.
@@ -328,6 +344,7 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
         journal.as_ref(),
         flush,
         args.segment_bytes,
+        args.dedup_window_ms,
     )?;
     let (mut lost_total, mut lost_oldest_ms) = (0usize, 0u64);
     // When each kill happened: an ack the client handled just after a
@@ -358,7 +375,12 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
             ..ConsumerOptions::default()
         },
     );
-    let mut seen: HashSet<u128> = HashSet::new();
+    // Each stored id and the timestamp of its first copy.
+    let mut seen: HashMap<u128, u64> = HashMap::new();
+    let window_ms = args.dedup_window_ms.unwrap_or(DEDUP_WINDOW_MS_DEFAULT);
+    // Ids stored a second time once their first copy had left the dedup
+    // window (allowed: the window is the promise's bound).
+    let mut stored_after_window = 0u64;
     let mut seen_txns: HashSet<u128> = HashSet::new();
     let mut next_offset = 0u64;
     let started = Instant::now();
@@ -392,8 +414,10 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
             journal.as_ref(),
             flush,
             args.segment_bytes,
+            args.dedup_window_ms,
         )?;
         broker = b;
+        ledger.lock().expect("ledger").restarted = Some(Instant::now());
         if async_flush {
             // A power cut under async flush may take back offsets already
             // read: read everything again, with a new verification group.
@@ -440,11 +464,17 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
                         next_offset.wrapping_sub(1)
                     ));
                 }
-                if !seen.insert(d.id.0) {
-                    return Err(format!(
-                        "cycle {cycle}: id {} is stored twice (second at offset {})",
-                        d.id, d.offset
-                    ));
+                if let Some(&first_ms) = seen.get(&d.id.0) {
+                    let apart_ms = d.timestamp_ms.saturating_sub(first_ms);
+                    if apart_ms < window_ms {
+                        return Err(format!(
+                            "cycle {cycle}: id {} is stored twice (second at offset {}, {apart_ms} ms after the first, inside the {window_ms} ms dedup window)",
+                            d.id, d.offset
+                        ));
+                    }
+                    stored_after_window += 1;
+                } else {
+                    seen.insert(d.id.0, d.timestamp_ms);
                 }
                 if let Some(txn) = txn_of(&d.payload) {
                     let intent = ledger.lock().expect("ledger").txn_intent.get(&txn).copied();
@@ -482,7 +512,7 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
         };
         let mut forget = Vec::new();
         for (id, acked_at) in &acked_before {
-            if seen.contains(id) {
+            if seen.contains_key(id) {
                 continue;
             }
             let age = age_at_kill(*acked_at);
@@ -553,6 +583,11 @@ async fn torture(args: &Args, seed: u64) -> Result<String, String> {
     drop(broker);
     let l = ledger.lock().expect("ledger");
     let rolled_back = l.txn_intent.values().filter(|c| !**c).count();
+    println!(
+        "retries: {} sends answered duplicate (stored once), {} of them in the first second after a restart; {stored_after_window} ids stored again after leaving the {window_ms} ms dedup window",
+        l.duplicates,
+        l.duplicates_after_restart
+    );
     if journal.is_some() {
         println!("power cuts: {torn} bytes written but not flushed were zeroed or garbled");
     }
@@ -603,6 +638,16 @@ async fn produce(client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, stop: Arc<Atom
             producer
                 .send_with_callback(OutgoingMessage::new(n.to_le_bytes().to_vec()), move |r| {
                     if let Ok(r) = r {
+                        let mut l = ledger.lock().expect("ledger");
+                        if r.duplicate {
+                            l.duplicates += 1;
+                            if l.restarted
+                                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                            {
+                                l.duplicates_after_restart += 1;
+                            }
+                        }
+                        drop(l);
                         ledger
                             .lock()
                             .expect("ledger")

@@ -233,15 +233,21 @@ impl TopicConfig {
             0 if (base_ms, max_ms, factor_percent) == (0, 0, 0) => None,
             1 if max_ms == base_ms && factor_percent == 100 => Some(Backoff::Fixed { delay_ms: base_ms }),
             0 | 1 => {
-                return Err(WireError::Malformed(format!(
-                    "backoff kind {kind} with base_ms {base_ms}, max_ms {max_ms}, factor_percent {factor_percent}"
-                )))
+                return Err(WireError::InvalidValue {
+                    field: "backoff",
+                    reason: format!(
+                        "kind {kind} with base_ms {base_ms}, max_ms {max_ms}, factor_percent {factor_percent}"
+                    ),
+                })
             }
             2 => {
                 if factor_percent < 100 || max_ms < base_ms {
-                    return Err(WireError::Malformed(format!(
-                        "exponential backoff needs factor_percent >= 100 and max_ms >= base_ms, got {factor_percent} and {max_ms} < {base_ms}"
-                    )));
+                    return Err(WireError::InvalidValue {
+                        field: "backoff",
+                        reason: format!(
+                            "exponential backoff needs factor_percent >= 100 and max_ms >= base_ms, got {factor_percent} and {max_ms} < {base_ms}"
+                        ),
+                    });
                 }
                 Some(Backoff::Exponential {
                     base_ms,
@@ -249,7 +255,12 @@ impl TopicConfig {
                     factor_percent,
                 })
             }
-            k => return Err(WireError::Malformed(format!("unknown backoff kind {k}"))),
+            k => {
+                return Err(WireError::InvalidValue {
+                    field: "backoff",
+                    reason: format!("unknown kind {k}"),
+                })
+            }
         };
         Ok(TopicConfig {
             ack_timeout_ms,
@@ -284,9 +295,10 @@ impl CreateTopic {
                 0 => false,
                 1 => true,
                 v => {
-                    return Err(WireError::Malformed(format!(
-                        "if_not_exists must be 0 or 1, got {v}"
-                    )))
+                    return Err(WireError::InvalidValue {
+                        field: "if_not_exists",
+                        reason: format!("must be 0 or 1, got {v}"),
+                    })
                 }
             },
             config: TopicConfig::decode(&mut r)?,

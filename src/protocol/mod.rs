@@ -30,6 +30,11 @@ pub enum WireError {
     Malformed(String),
     #[error("unauthorized: {0}")]
     Unauthorized(&'static str),
+    /// The frame and body decode, but a field holds a value out of its
+    /// range: the request is refused (INVALID_REQUEST) and the connection
+    /// kept, since the stream is still in step.
+    #[error("invalid {field}: {reason}")]
+    InvalidValue { field: &'static str, reason: String },
 }
 
 impl WireError {
@@ -41,6 +46,7 @@ impl WireError {
             WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
             WireError::UnexpectedEof { .. } | WireError::Malformed(_) => ErrorCode::MalformedFrame,
             WireError::Unauthorized(_) => ErrorCode::Unauthorized,
+            WireError::InvalidValue { .. } => ErrorCode::InvalidRequest,
         }
     }
 }
@@ -176,12 +182,16 @@ impl<'a> Reader<'a> {
     }
 
     /// A `u16`-length-prefixed UTF-8 string of at most `max` bytes.
-    pub fn str(&mut self, what: &str, max: usize) -> Result<&'a str, WireError> {
+    pub fn str(&mut self, what: &'static str, max: usize) -> Result<&'a str, WireError> {
         let len = self.u16()? as usize;
         if len > max {
-            return Err(WireError::Malformed(format!(
-                "{what} of {len} bytes exceeds {max}"
-            )));
+            // The bytes are there (else the body is cut short): a value
+            // too long, not a broken stream.
+            self.bytes(len)?;
+            return Err(WireError::InvalidValue {
+                field: what,
+                reason: format!("{len} bytes exceeds {max}"),
+            });
         }
         std::str::from_utf8(self.bytes(len)?)
             .map_err(|_| WireError::Malformed(format!("{what} is not UTF-8")))
