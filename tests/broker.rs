@@ -445,6 +445,64 @@ async fn a_poison_message_lands_in_the_dead_letter_topic() {
     assert_eq!(c.position().await.unwrap()[0].committed, 2);
 }
 
+/// The broker's own timer: a delivery nobody acks, in a group nobody
+/// fetches for again, still expires at its deadline and moves to the DLQ
+/// at its last one. Before the timer, expiry ran only inside a fetch: the
+/// group kept `in_flight = 1` forever and `<topic>.dlq` never appeared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpolled_group_still_expires_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let client = Client::connect(broker.addr).await.unwrap();
+    let config = TopicConfig {
+        ack_timeout_ms: 300,
+        max_deliveries: 2,
+        backoff: Some(Backoff::Fixed { delay_ms: 50 }),
+    };
+    client
+        .create_topic("quiet", 1, false, config)
+        .await
+        .unwrap();
+    // The DLQ does not exist yet: fetching it is an empty answer.
+    let ops = consumer(&client, "quiet.dlq", "ops", 100);
+    assert!(ops.fetch().await.expect("an empty answer").is_empty());
+    let producer = Producer::new(client.clone(), "quiet", ProducerOptions::default())
+        .await
+        .unwrap();
+    producer
+        .send(OutgoingMessage::new(&b"forgotten"[..]))
+        .await
+        .unwrap();
+    let c = consumer(&client, "quiet", "idle", 100);
+    let got = fetch_n(&c, 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(c.position().await.unwrap()[0].in_flight, 1);
+    // First deadline: no longer in flight, though nobody fetched.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.position().await.unwrap()[0].in_flight != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        c.position().await.unwrap()[0].in_flight,
+        0,
+        "the ack deadline passed: the delivery is due again, not in flight"
+    );
+    // One fetch takes the redelivery (attempt 2, the last); then nobody
+    // fetches again, and its deadline moves it to the DLQ.
+    let again = fetch_n(&c, 1, Duration::from_secs(10)).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    let dead = fetch_n(&ops, 1, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 1, "moved to quiet.dlq at the last deadline");
+    assert_eq!(&dead[0].payload[..], b"forgotten");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.position().await.unwrap()[0].committed != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = &c.position().await.unwrap()[0];
+    assert_eq!((p.committed, p.in_flight), (1, 0), "settled for the group");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acked_message_and_keeps_group_positions() {
     let dir = tempfile::tempdir().unwrap();

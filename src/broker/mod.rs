@@ -909,6 +909,62 @@ impl Broker {
         Ok(count)
     }
 
+    /// The broker's own timer, run every `EXPIRY_TICK_MS` by the server:
+    /// every delivery whose ack deadline has passed becomes due for
+    /// redelivery (after its backoff), and one on its last attempt moves to
+    /// the dead-letter topic, whether or not anyone fetches. Without it a
+    /// group nobody polls would hold its deliveries in flight forever.
+    /// Returns how many deliveries expired.
+    pub async fn expire_deliveries(&self) -> Result<usize, BrokerError> {
+        let now = now_ms();
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut expired = 0usize;
+        for topic in topics {
+            let policy = topic.policy(self.config.unacked_max);
+            let mut touched = false;
+            for p in &topic.partitions {
+                let mut work = Vec::new();
+                {
+                    let mut groups = p.groups.lock().expect("groups lock");
+                    for (group, state) in groups.iter_mut() {
+                        let in_flight = state.in_flight();
+                        let dead = state.expire(now, &policy);
+                        let scheduled = state.take_scheduled();
+                        expired += (in_flight - state.in_flight()) as usize;
+                        if !dead.is_empty() || !scheduled.is_empty() {
+                            work.push((group.clone(), dead, scheduled));
+                        }
+                    }
+                }
+                // The store and the dead-letter topic are written with the
+                // group lock released, as in `poll`.
+                for (group, dead, scheduled) in work {
+                    touched = true;
+                    if let (false, Some(store)) = (scheduled.is_empty(), self.groups().as_ref()) {
+                        store.write_nowait(
+                            (&topic.name, p.index, &group),
+                            &Entry::Delays { delays: scheduled },
+                        );
+                    }
+                    if !dead.is_empty() {
+                        self.dead_letter(&topic, p, &group, dead).await?;
+                    }
+                }
+            }
+            if touched {
+                // Subscribers and long polls look again.
+                topic.appended.notify_waiters();
+            }
+        }
+        Ok(expired)
+    }
+
     /// The soonest time a redelivery is due on any partition of `topic`
     /// for `group`.
     pub fn next_due_ms(&self, topic: &Topic, group: &str) -> Option<u64> {

@@ -323,6 +323,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut pace = AcceptPace::new(config.accept_rate_max, Instant::now());
+    let timer = tokio::spawn(expiry_timer(broker.clone(), stop_rx.clone()));
     tokio::pin!(shutdown);
     loop {
         let pause = pace
@@ -380,6 +381,7 @@ pub async fn serve(
     }
     broker.begin_stop();
     let _ = stop_tx.send(true);
+    let _ = timer.await;
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -391,6 +393,29 @@ pub async fn serve(
         );
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// How often the broker's timer looks for deliveries past their ack
+/// deadline (so redelivery and the move to the DLQ are at most this late).
+const EXPIRY_TICK_MS: u64 = 100;
+
+/// The broker's own timer: expires deliveries whether or not anyone
+/// fetches (`Broker::expire_deliveries`), until the server stops.
+async fn expiry_timer(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(EXPIRY_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = broker.expire_deliveries().await {
+            tracing::warn!(error = %e, "expiring deliveries failed; trying again next tick");
+        }
     }
 }
 
@@ -1137,17 +1162,36 @@ fn wait_ms(broker: &Broker, topic: &Topic, group: &str, deadline_ms: u64) -> u64
     until.saturating_sub(now).max(1)
 }
 
+/// `name` is `<topic>.dlq` of a topic that exists.
+fn dlq_of_existing(broker: &Broker, name: &str) -> bool {
+    name.strip_suffix(crate::broker::DLQ_SUFFIX)
+        .is_some_and(|base| broker.topic(base).is_ok())
+}
+
 async fn fetch(broker: &Arc<Broker>, h: &FrameHeader, req: &Fetch) -> Bytes {
     if let Err(reason) = body::check_name("group", &req.group) {
         return broker_error(h, &BrokerError::InvalidName(reason));
     }
-    let topic = match broker.topic(&req.topic) {
-        Ok(t) => t,
-        Err(e) => return broker_error(h, &e),
+    let deadline_ms = now_ms() + req.max_wait_ms.min(FETCH_WAIT_MS_MAX) as u64;
+    let topic = loop {
+        match broker.topic(&req.topic) {
+            Ok(t) => break t,
+            // The dead-letter topic of an existing topic is created by its
+            // first dead letter: until then it is empty, not unknown.
+            Err(BrokerError::UnknownTopic(_)) if dlq_of_existing(broker, &req.topic) => {
+                if now_ms() >= deadline_ms || broker.is_stopping() {
+                    return finish_deliveries(
+                        deliveries_frame(Opcode::Fetch, FLAG_RESPONSE, h.correlation_id),
+                        0,
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(EXPIRY_TICK_MS)).await;
+            }
+            Err(e) => return broker_error(h, &e),
+        }
     };
     let max_messages = req.max_messages.clamp(1, body::PRODUCE_MESSAGES_MAX as u32);
     let max_bytes = req.max_bytes.clamp(1, DELIVERY_BYTES_MAX);
-    let deadline_ms = now_ms() + req.max_wait_ms.min(FETCH_WAIT_MS_MAX) as u64;
     loop {
         let notified = topic.appended.notified();
         tokio::pin!(notified);
