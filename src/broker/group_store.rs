@@ -68,25 +68,41 @@ pub struct StoredGroup {
 }
 
 impl StoredGroup {
+    /// Applies one acked range. A range that reaches `committed` (the
+    /// common case: a consumer acks roughly in order) moves `committed`
+    /// in one step; only a range ahead of it is remembered offset by
+    /// offset. Replay at open did per-offset set inserts and pops for every
+    /// acked message: 5 s for 45 groups over 3 M messages.
     fn ack_range(&mut self, first: u64, count: u32) {
-        for o in first..first.saturating_add(count as u64) {
-            if o >= self.committed {
-                self.acked_above.insert(o);
-            }
+        let end = first.saturating_add(count as u64);
+        if end <= self.committed {
+            return;
+        }
+        if first <= self.committed {
+            // Everything below `end` is now settled.
+            self.acked_above = self.acked_above.split_off(&end);
+            self.committed = end;
+        } else {
+            self.acked_above.extend(first..end);
         }
         while self.acked_above.first() == Some(&self.committed) {
             self.acked_above.pop_first();
             self.committed += 1;
         }
-        let acked: Vec<u64> = self
-            .delayed
-            .range(first..first.saturating_add(count as u64))
-            .map(|(o, _)| *o)
-            .collect();
-        for o in acked {
-            self.delayed.remove(&o);
+        let low = first.max(self.committed);
+        if !self.delayed.is_empty() && low < end {
+            let acked: Vec<u64> = self.delayed.range(low..end).map(|(o, _)| *o).collect();
+            for o in acked {
+                self.delayed.remove(&o);
+            }
         }
-        self.delayed = self.delayed.split_off(&self.committed);
+        if self
+            .delayed
+            .first_key_value()
+            .is_some_and(|(o, _)| *o < self.committed)
+        {
+            self.delayed = self.delayed.split_off(&self.committed);
+        }
     }
 }
 
@@ -574,6 +590,39 @@ mod tests {
     fn apply_all(state: &mut HashMap<GroupKey, StoredGroup>, k: (&str, u32, &str), e: &Entry) {
         for record in encode_entry(k, e) {
             apply(state, &record).unwrap();
+        }
+    }
+
+    proptest::proptest! {
+        /// `ack_range`'s fast path against the plain per-offset rule: every
+        /// offset acked is settled, `committed` is the first one that is not.
+        #[test]
+        fn ack_ranges_match_a_per_offset_model(
+            start in 0u64..50,
+            ranges in proptest::collection::vec((0u64..400, 1u32..40), 1..60),
+            delays in proptest::collection::vec((0u64..400, 0u64..1000), 0..20),
+        ) {
+            let mut g = StoredGroup { committed: start, ..Default::default() };
+            for &(o, due) in &delays {
+                if o >= start {
+                    g.delayed.insert(o, due);
+                }
+            }
+            let mut acked = BTreeSet::new();
+            for &(first, count) in &ranges {
+                g.ack_range(first, count);
+                acked.extend(first..first + count as u64);
+                let mut committed = start;
+                while acked.contains(&committed) {
+                    committed += 1;
+                }
+                proptest::prop_assert_eq!(g.committed, committed);
+                let above: BTreeSet<u64> = acked.range(committed..).copied().collect();
+                proptest::prop_assert_eq!(&g.acked_above, &above);
+                for o in g.delayed.keys() {
+                    proptest::prop_assert!(*o >= committed && !acked.contains(o));
+                }
+            }
         }
     }
 
