@@ -48,7 +48,7 @@ use crate::protocol::body::{
     PARTITIONS_MAX,
 };
 use crate::protocol::txn::{DelayedRequest, HalfRequest, Placed};
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, KeyHash};
 
 /// Header names on a dead-lettered message.
 pub const DLQ_HEADER_TOPIC: &str = "bida-original-topic";
@@ -216,6 +216,33 @@ struct TopicMeta {
     ack_timeout_ms: u32,
     max_deliveries: u16,
     backoff: BackoffMeta,
+    /// Absent in the topic.json of topics created before murmur2 became
+    /// the default: those keep the hash their producers already use.
+    #[serde(default = "KeyHashMeta::legacy")]
+    key_hash: KeyHashMeta,
+}
+
+/// `key_hash` in topic.json.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum KeyHashMeta {
+    Murmur2,
+    LegacyFoldhash,
+}
+
+impl KeyHashMeta {
+    fn legacy() -> Self {
+        KeyHashMeta::LegacyFoldhash
+    }
+}
+
+impl From<KeyHashMeta> for KeyHash {
+    fn from(k: KeyHashMeta) -> Self {
+        match k {
+            KeyHashMeta::Murmur2 => KeyHash::Murmur2,
+            KeyHashMeta::LegacyFoldhash => KeyHash::Legacy,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -293,7 +320,13 @@ impl Topic {
                 max_deliveries: self.meta.max_deliveries,
                 backoff: Some(self.meta.backoff.into()),
             },
+            key_hash: self.meta.key_hash.into(),
         }
+    }
+
+    /// The partition a key maps to in this topic.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        KeyHash::from(self.meta.key_hash).partition(key, self.meta.partitions)
     }
 
     pub fn partition(&self, index: u32) -> Result<&Arc<Partition>, BrokerError> {
@@ -605,6 +638,7 @@ impl Broker {
                 c.max_deliveries
             },
             backoff: c.backoff.unwrap_or(self.config.backoff).into(),
+            key_hash: KeyHashMeta::Murmur2,
         };
         let topic = self.open_topic(&req.topic, Some(meta))?;
         tracing::info!(topic = %req.topic, partitions, "topic created");
@@ -717,7 +751,7 @@ impl Broker {
         let topic = self.topic_or_create(req.topic)?;
         let index = if req.partition == ANY_PARTITION {
             match req.messages.first().and_then(|m| m.key) {
-                Some(key) => partition_for_key(key, topic.meta.partitions),
+                Some(key) => topic.partition_for_key(key),
                 None => topic.next_round_robin(),
             }
         } else {
@@ -1245,11 +1279,6 @@ fn snapshot_groups(topics: &Topics) -> Vec<(GroupKey, Entry)> {
         }
     }
     out
-}
-
-/// The partition a key maps to: stable across restarts and clients.
-pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
-    (foldhash_bytes(key) % partitions as u64) as u32
 }
 
 fn foldhash_bytes(bytes: &[u8]) -> u64 {

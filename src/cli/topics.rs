@@ -99,8 +99,8 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             TopicsCommand::Describe { name } => {
                 let d = client.describe_topic(&name).await?;
                 println!(
-                    "topic {}  partitions {}  {:?}",
-                    d.summary.topic, d.summary.partitions, d.summary.config
+                    "topic {}  partitions {}  key hash {:?}  {:?}",
+                    d.summary.topic, d.summary.partitions, d.summary.key_hash, d.summary.config
                 );
                 println!(
                     "{:>9} {:>14} {:>14} {:>14}",

@@ -16,10 +16,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{Client, ClientError, Connection};
-use crate::broker::partition_for_key;
 use crate::log::record::{encode_headers, InnerMsgId};
 use crate::protocol::body::{encode_produce_message, ProduceReply, TopicConfig};
-use crate::protocol::{Opcode, Put};
+use crate::protocol::{KeyHash, Opcode, Put};
 
 /// Delay between attempts of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +200,7 @@ enum Command {
 pub struct Producer {
     topic: String,
     partitions: u32,
+    key_hash: KeyHash,
     producer_id: u64,
     sequence: AtomicU64,
     round_robin: AtomicU64,
@@ -250,6 +250,7 @@ impl Producer {
         Ok(Producer {
             topic: topic.to_owned(),
             partitions: summary.partitions,
+            key_hash: summary.key_hash,
             producer_id,
             sequence: AtomicU64::new(1),
             round_robin: AtomicU64::new(0),
@@ -275,7 +276,7 @@ impl Producer {
 
     fn partition_for(&self, key: Option<&[u8]>) -> u32 {
         match key {
-            Some(k) => partition_for_key(k, self.partitions),
+            Some(k) => self.key_hash.partition(k, self.partitions),
             None => {
                 (self.round_robin.fetch_add(1, Ordering::Relaxed) % self.partitions as u64) as u32
             }

@@ -30,7 +30,6 @@ use bytes::Bytes;
 
 use super::producer::{encode_message, random_u64};
 use super::{Client, ClientError, OutgoingMessage, RetryBackoff};
-use crate::broker::partition_for_key;
 use crate::log::record::InnerMsgId;
 use crate::protocol::body::{ProduceOutcome, ProduceReply, TopicConfig, ANY_PARTITION};
 use crate::protocol::txn::{encode_delayed_prefix, encode_end, encode_half_prefix};
@@ -121,17 +120,15 @@ pub async fn send_delayed(
     retry: RetryOptions,
 ) -> Result<Vec<(InnerMsgId, ProduceOutcome)>, ClientError> {
     let ids = IdSource::new()?;
-    let partitions = client
+    let summary = client
         .create_topic(topic, 0, true, TopicConfig::default())
-        .await?
-        .partitions;
+        .await?;
     // One request per partition, keeping the order within each.
     let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        let p = m
-            .key
-            .as_deref()
-            .map_or(ANY_PARTITION, |k| partition_for_key(k, partitions));
+        let p = m.key.as_deref().map_or(ANY_PARTITION, |k| {
+            summary.key_hash.partition(k, summary.partitions)
+        });
         match groups.iter_mut().find(|(gp, _)| *gp == p) {
             Some((_, v)) => v.push(i),
             None => groups.push((p, vec![i])),

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{ErrorCode, Put, Reader, WireError};
+use super::{ErrorCode, KeyHash, Put, Reader, WireError};
 use crate::log::record::{InnerMsgId, Message};
 
 /// Longest topic name, in bytes.
@@ -308,12 +308,14 @@ impl CreateTopic {
     }
 }
 
-/// A topic as listed: name, partitions, resolved config.
+/// A topic as listed: name, partitions, resolved config, and the hash
+/// that maps its keys to partitions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicSummary {
     pub topic: String,
     pub partitions: u32,
     pub config: TopicConfig,
+    pub key_hash: KeyHash,
 }
 
 impl TopicSummary {
@@ -321,12 +323,22 @@ impl TopicSummary {
         out.put_str(&self.topic);
         out.put_u32(self.partitions);
         self.config.encode(out);
+        out.put_u8(self.key_hash.wire());
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
+        let topic = r.str("topic", TOPIC_NAME_MAX)?.to_owned();
+        let partitions = r.u32()?;
+        let config = TopicConfig::decode(r)?;
+        let byte = r.u8()?;
+        let key_hash = KeyHash::from_wire(byte).ok_or_else(|| WireError::InvalidValue {
+            field: "key_hash",
+            reason: format!("{byte} is not a known key hash"),
+        })?;
         Ok(TopicSummary {
-            topic: r.str("topic", TOPIC_NAME_MAX)?.to_owned(),
-            partitions: r.u32()?,
-            config: TopicConfig::decode(r)?,
+            topic,
+            partitions,
+            config,
+            key_hash,
         })
     }
 
@@ -350,7 +362,7 @@ impl TopicSummary {
     }
     pub fn decode_list(body: &[u8]) -> Result<Vec<Self>, WireError> {
         let mut r = Reader::new(body);
-        let n = r.count("topics", LIST_MAX, 2 + 4 + TopicConfig::WIRE_LEN)?;
+        let n = r.count("topics", LIST_MAX, 2 + 4 + TopicConfig::WIRE_LEN + 1)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             out.push(Self::decode(&mut r)?);

@@ -5,11 +5,13 @@
 
 pub mod body;
 pub mod frame;
+pub mod key_hash;
 pub mod txn;
 
 use thiserror::Error;
 
 pub use frame::{FrameHeader, Opcode, FRAME_BYTES_MAX, FRAME_HEADER_LEN};
+pub use key_hash::KeyHash;
 
 /// Why bytes are not a valid frame or body.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
