@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -284,8 +285,11 @@ pub type Collector = Box<dyn Fn() -> Vec<(GroupKey, Entry)> + Send>;
 enum Request {
     /// One entry's records (several when it was split), all appended in
     /// one batch.
-    Write(Vec<Vec<u8>>, Option<oneshot::Sender<Result<(), String>>>),
+    Write(Vec<Vec<u8>>, Option<oneshot::Sender<WriteResult>>),
 }
+
+/// How a write to the groups log ended, shared by everyone waiting on it.
+pub type WriteResult = Result<(), Arc<StorageError>>;
 
 /// The handle to the thread that owns the groups log.
 pub struct GroupStore {
@@ -446,11 +450,7 @@ impl GroupStore {
 
     /// Persists `entry`; the returned receiver completes once the flush
     /// policy allows acknowledging it.
-    pub fn write(
-        &self,
-        key: (&str, u32, &str),
-        entry: &Entry,
-    ) -> oneshot::Receiver<Result<(), String>> {
+    pub fn write(&self, key: (&str, u32, &str), entry: &Entry) -> oneshot::Receiver<WriteResult> {
         let (done, rx) = oneshot::channel();
         let payload = encode_entry(key, entry);
         if let Some(tx) = &self.tx {
@@ -512,9 +512,10 @@ fn run(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "compacting the groups log failed; acks can no longer be stored");
+                    let cause = Arc::new(e);
                     for Request::Write(_, done) in rx.iter() {
                         if let Some(d) = done {
-                            let _ = d.send(Err(format!("groups log unavailable: {e}")));
+                            let _ = d.send(Err(Arc::clone(&cause)));
                         }
                     }
                     return;
@@ -535,7 +536,7 @@ fn run(
                 FlushMode::Sync => log.wait_durable(a.durable_target()),
                 FlushMode::Async { .. } => Ok(()),
             })
-            .map_err(|e| e.to_string());
+            .map_err(Arc::new);
         drop(msgs);
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing to the groups log failed");

@@ -81,8 +81,15 @@ pub enum BrokerError {
     UnknownSubscription(u64),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// A flush that was waited on failed (shared by every waiter).
     #[error("storage: {0}")]
-    Durability(String),
+    Durability(Arc<StorageError>),
+    #[error("the broker is stopping")]
+    Stopping,
+    #[error("schedule entry {offset}: {problem}")]
+    ScheduleEntry { offset: u64, problem: &'static str },
+    #[error("a storage task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("unknown transaction {0:032x}")]
     UnknownTransaction(u128),
     #[error("{0}")]
@@ -111,9 +118,13 @@ impl BrokerError {
             BrokerError::TransactionDecided(_) => ErrorCode::TransactionDecided,
             BrokerError::Busy(_) => ErrorCode::Busy,
             BrokerError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,
-            BrokerError::Storage(_) | BrokerError::Durability(_) | BrokerError::Io { .. } => {
-                ErrorCode::Storage
-            }
+            BrokerError::Durability(e) if e.is_disk_full() => ErrorCode::DiskFull,
+            BrokerError::Storage(_)
+            | BrokerError::Durability(_)
+            | BrokerError::ScheduleEntry { .. }
+            | BrokerError::Task(_)
+            | BrokerError::Io { .. } => ErrorCode::Storage,
+            BrokerError::Stopping => ErrorCode::ShuttingDown,
         }
     }
 }
@@ -132,7 +143,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// A request to the waiter: the target offset, and whom to tell.
-type DurableRequest = (u64, oneshot::Sender<Result<(), String>>);
+type DurableRequest = (u64, oneshot::Sender<Result<(), Arc<StorageError>>>);
 
 /// Waits for a log to be durable up to a target without blocking async
 /// tasks: each of its threads takes every pending request, leads one group
@@ -160,7 +171,7 @@ impl DurabilityWaiter {
                             batch.push(first);
                             batch.extend(rx.try_iter());
                             let target = batch.iter().map(|(t, _)| *t).max().unwrap_or(0);
-                            let result = log.wait_durable(target).map_err(|e| e.to_string());
+                            let result = log.wait_durable(target).map_err(Arc::new);
                             for (_, done) in batch.drain(..) {
                                 let _ = done.send(result.clone());
                             }
@@ -201,10 +212,10 @@ impl Partition {
             None => false,
         };
         if !sent {
-            return Err(BrokerError::Durability("the broker is stopping".into()));
+            return Err(BrokerError::Stopping);
         }
         rx.await
-            .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+            .map_err(|_| BrokerError::Stopping)?
             .map_err(BrokerError::Durability)
     }
 }
@@ -1100,7 +1111,7 @@ impl Broker {
             .map(|s| s.write((&topic.name, p.index, group), &Entry::Acks { offsets }));
         if let Some(w) = wait {
             w.await
-                .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+                .map_err(|_| BrokerError::Stopping)?
                 .map_err(BrokerError::Durability)?;
         }
         Ok(())
@@ -1170,7 +1181,7 @@ impl Broker {
         topic.appended.notify_waiters();
         for w in waits {
             w.await
-                .map_err(|_| BrokerError::Durability("the broker is stopping".into()))?
+                .map_err(|_| BrokerError::Stopping)?
                 .map_err(BrokerError::Durability)?;
         }
         Ok(effective)
@@ -1290,4 +1301,42 @@ fn foldhash_bytes(bytes: &[u8]) -> u64 {
 
 fn foldhash_str(s: &str) -> u64 {
     foldhash_bytes(s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk met by a flush someone waited on, by a later append of
+    /// the failed log, or by the groups log, answers DISK_FULL, not
+    /// STORAGE: the cause travels typed across every hop.
+    #[test]
+    fn a_full_disk_stays_disk_full_across_the_durability_hop() {
+        let enospc = || StorageError::Io {
+            path: "seg.log".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        let shared = Arc::new(enospc());
+        assert_eq!(
+            BrokerError::Durability(Arc::clone(&shared)).code(),
+            ErrorCode::DiskFull
+        );
+        assert_eq!(
+            BrokerError::Storage(StorageError::Failed(Arc::clone(&shared))).code(),
+            ErrorCode::DiskFull
+        );
+        assert_eq!(
+            BrokerError::Durability(Arc::new(StorageError::Failed(shared))).code(),
+            ErrorCode::DiskFull
+        );
+        let eio = StorageError::Io {
+            path: "seg.log".into(),
+            source: std::io::Error::from_raw_os_error(5),
+        };
+        assert_eq!(
+            BrokerError::Durability(Arc::new(eio)).code(),
+            ErrorCode::Storage
+        );
+        assert_eq!(BrokerError::Stopping.code(), ErrorCode::ShuttingDown);
+    }
 }

@@ -700,9 +700,10 @@ impl Schedule {
         for &o in offsets {
             let batch = self.log.read(o, 1, 1)?;
             let Some(r) = batch.iter().next() else {
-                return Err(BrokerError::Durability(format!(
-                    "schedule entry {o} is missing"
-                )));
+                return Err(BrokerError::ScheduleEntry {
+                    offset: o,
+                    problem: "missing",
+                });
             };
             records.push(r?);
         }
@@ -724,10 +725,10 @@ impl Schedule {
                     ..
                 }) => (topic, partition, payload),
                 Ok(_) | Err(_) => {
-                    return Err(BrokerError::Durability(format!(
-                        "schedule entry {} holds no message",
-                        r.offset
-                    )))
+                    return Err(BrokerError::ScheduleEntry {
+                        offset: r.offset,
+                        problem: "holds no message",
+                    })
                 }
             };
             if run_target.is_some_and(|t| t != (topic, partition)) {

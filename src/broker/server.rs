@@ -1068,7 +1068,7 @@ async fn dispatch(
                 let frame = match result {
                     Ok(Ok(reply)) => conn.reply(&h, |o| reply.encode(o)),
                     Ok(Err(e)) => broker_error(&h, &e),
-                    Err(e) => broker_error(&h, &BrokerError::Durability(e.to_string())),
+                    Err(e) => broker_error(&h, &BrokerError::Task(e)),
                 };
                 conn.send(frame).await;
                 drop(permit);
@@ -1120,7 +1120,7 @@ async fn stored_reply(
             let frame = match durable {
                 Ok(Ok(())) => reply(&appended),
                 Ok(Err(e)) => broker_error(&h, &e),
-                Err(e) => broker_error(&h, &BrokerError::Durability(e.to_string())),
+                Err(e) => broker_error(&h, &BrokerError::Task(e)),
             };
             conn.send(frame).await;
             drop(permit);

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -37,8 +38,14 @@ pub enum StorageError {
     #[error("offset {offset} is outside the log [{start}, {end})")]
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
 
-    #[error("the log stopped accepting writes after an earlier failure: {0}")]
-    Failed(String),
+    /// The log refuses writes and acks since this failure (a write or a
+    /// flush that failed: what was acked may not be on disk). Shared by
+    /// every caller that meets it, so a full disk stays a full disk.
+    #[error("the log refuses writes since a failure: {0}")]
+    Failed(Arc<StorageError>),
+
+    #[error("the log is closed")]
+    Closed,
 }
 
 impl StorageError {
@@ -50,7 +57,11 @@ impl StorageError {
 
     /// True when the error means "no space left on the device".
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StorageError::Io { source, .. } if source.raw_os_error() == Some(28))
+        match self {
+            StorageError::Io { source, .. } => source.raw_os_error() == Some(28),
+            StorageError::Failed(cause) => cause.is_disk_full(),
+            _ => false,
+        }
     }
 }
 

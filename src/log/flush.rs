@@ -20,7 +20,7 @@
 //! dropped the dirty pages, so retrying could report durability falsely.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::error::{Result, StorageError};
 
@@ -40,7 +40,7 @@ struct State {
     flushing: usize,
     /// The highest offset a running flush will make durable.
     covered: u64,
-    failure: Option<String>,
+    failure: Option<Arc<StorageError>>,
 }
 
 impl GroupCommit {
@@ -66,7 +66,7 @@ impl GroupCommit {
         self.durable.load(Ordering::Acquire)
     }
 
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<Arc<StorageError>> {
         self.lock().failure.clone()
     }
 
@@ -105,9 +105,9 @@ impl GroupCommit {
             match outcome {
                 Ok(()) => self.advance_locked(&mut state, covers),
                 Err(e) => {
-                    state.failure = Some(e.to_string());
+                    let cause = Arc::clone(state.failure.get_or_insert_with(|| Arc::new(e)));
                     self.flushed.notify_all();
-                    return Err(e);
+                    return Err(StorageError::Failed(cause));
                 }
             }
             self.flushed.notify_all();
@@ -130,7 +130,7 @@ impl GroupCommit {
     }
 
     /// Refuses all further waits: durability can no longer be promised.
-    pub(crate) fn fail(&self, reason: String) {
+    pub(crate) fn fail(&self, reason: Arc<StorageError>) {
         let mut state = self.lock();
         state.failure.get_or_insert(reason);
         self.flushed.notify_all();
@@ -239,11 +239,21 @@ mod tests {
             .wait_for(
                 1,
                 || (1, ()),
-                |()| Err(StorageError::Failed("disk on fire".into())),
+                |()| {
+                    Err(StorageError::Io {
+                        path: "00000000000000000000.log".into(),
+                        source: std::io::Error::from_raw_os_error(28),
+                    })
+                },
             )
             .unwrap_err();
-        assert!(err.to_string().contains("disk on fire"));
+        assert!(
+            err.to_string().contains("00000000000000000000.log"),
+            "{err}"
+        );
         let again = group.wait_for(1, || (1, ()), |()| Ok(())).unwrap_err();
         assert!(matches!(again, StorageError::Failed(_)));
+        // A full disk stays a full disk for every later caller.
+        assert!(err.is_disk_full() && again.is_disk_full());
     }
 }

@@ -243,7 +243,7 @@ struct Writer {
     last_timestamp_ms: u64,
     dedup: DedupIndex,
     /// Set when a roll failed half-way: no further appends.
-    broken: Option<String>,
+    broken: Option<Arc<StorageError>>,
 }
 
 enum Signal {
@@ -498,7 +498,7 @@ impl Log {
         let end = {
             let mut w = self.inner.lock_writer();
             if let Some(reason) = &w.broken {
-                return Err(StorageError::Failed(reason.clone()));
+                return Err(StorageError::Failed(Arc::clone(reason)));
             }
             if w.next_offset > w.active.base_offset {
                 self.inner.roll(&mut w)?;
@@ -565,7 +565,7 @@ impl Log {
         {
             let mut w = self.inner.lock_writer();
             w.broken
-                .get_or_insert_with(|| "the log is closed".to_string());
+                .get_or_insert_with(|| Arc::new(StorageError::Closed));
         }
         self.inner.finish_seal();
         if let Some(spare) = lock(&self.inner.spare).take() {
@@ -732,10 +732,10 @@ impl Inner {
     /// stored, so the writer refuses everything after it.
     fn publish(&self, w: &mut Writer) -> Result<()> {
         if let Err(e) = w.map.publish() {
-            let reason = format!("writing to {} failed: {e}", w.active.path.display());
-            w.broken = Some(reason.clone());
-            self.group.fail(reason);
-            return Err(StorageError::io(&w.active.path)(e));
+            let cause = Arc::new(StorageError::io(&w.active.path)(e));
+            w.broken = Some(Arc::clone(&cause));
+            self.group.fail(Arc::clone(&cause));
+            return Err(StorageError::Failed(cause));
         }
         Ok(())
     }
@@ -778,10 +778,10 @@ impl Inner {
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
         if let Err(e) = old.flush_to(old_map.cursor()) {
             // The old segment may not be durable; nothing more may be acked.
-            let reason = format!("flushing {} failed: {e}", old.path.display());
-            w.broken = Some(reason.clone());
-            self.group.fail(reason);
-            return Err(e);
+            let cause = Arc::new(e);
+            w.broken = Some(Arc::clone(&cause));
+            self.group.fail(Arc::clone(&cause));
+            return Err(StorageError::Failed(cause));
         }
         self.group.advance(base);
         self.segments
