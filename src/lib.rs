@@ -21,4 +21,5 @@ pub mod client;
 pub mod log;
 pub mod net;
 pub mod protocol;
+mod sync;
 pub mod tls;

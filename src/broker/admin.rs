@@ -245,7 +245,7 @@ fn build_overview(broker: &Broker) -> Overview {
                 segments: infos.len(),
                 disk_bytes: infos.iter().map(|s| s.size_bytes).sum(),
             });
-            for (name, state) in p.groups.lock().expect("groups lock").iter() {
+            for (name, state) in p.groups().iter() {
                 let g = groups
                     .entry((topic.name.clone(), name.clone()))
                     .or_insert_with(|| GroupView {

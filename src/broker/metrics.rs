@@ -285,7 +285,7 @@ pub fn render(broker: &Broker) -> String {
             set(&segments, &pl, infos.len() as u64);
             set(&disk, &pl, infos.iter().map(|s| s.size_bytes).sum());
             depth += next - p.log.start_offset();
-            for (group, state) in p.groups.lock().expect("groups lock").iter() {
+            for (group, state) in p.groups().iter() {
                 let gl = [
                     ("topic", topic.name.as_str()),
                     ("partition", index.as_str()),

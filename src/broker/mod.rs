@@ -19,6 +19,7 @@ pub mod dlq;
 pub mod group;
 pub mod group_store;
 pub mod metrics;
+pub mod partition;
 pub mod schedule;
 pub mod server;
 
@@ -27,17 +28,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 pub use config::BrokerConfig;
 use group::{DeadLetter, GroupPartitionState, Policy};
 use group_store::{Collector, Entry, GroupKey, GroupStore, StoredGroup};
 use metrics::BrokerMetrics;
+pub use partition::Partition;
 use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
@@ -49,6 +50,7 @@ use crate::protocol::body::{
 };
 use crate::protocol::txn::{DelayedRequest, HalfRequest, Placed};
 use crate::protocol::{ErrorCode, KeyHash};
+use crate::sync::{lock, read, write};
 
 /// Header names on a dead-lettered message.
 pub const DLQ_HEADER_TOPIC: &str = "bida-original-topic";
@@ -140,84 +142,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A request to the waiter: the target offset, and whom to tell.
-type DurableRequest = (u64, oneshot::Sender<Result<(), Arc<StorageError>>>);
-
-/// Waits for a log to be durable up to a target without blocking async
-/// tasks: each of its threads takes every pending request, leads one group
-/// commit for the highest target, and answers them all.
-struct DurabilityWaiter {
-    tx: Option<crossbeam_channel::Sender<DurableRequest>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl DurabilityWaiter {
-    /// One thread per flush the log may run at once: while one waits on a
-    /// flush, the next requests go to another, which starts the next flush
-    /// right away instead of after the first (see `log::FLUSHES_IN_FLIGHT`).
-    fn start(log: Arc<Log>, name: String) -> std::io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<DurableRequest>();
-        let mut threads = Vec::new();
-        for i in 0..crate::log::FLUSHES_IN_FLIGHT {
-            let (log, rx) = (Arc::clone(&log), rx.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{name}-{i}"))
-                    .spawn(move || {
-                        let mut batch = Vec::new();
-                        while let Ok(first) = rx.recv() {
-                            batch.push(first);
-                            batch.extend(rx.try_iter());
-                            let target = batch.iter().map(|(t, _)| *t).max().unwrap_or(0);
-                            let result = log.wait_durable(target).map_err(Arc::new);
-                            for (_, done) in batch.drain(..) {
-                                let _ = done.send(result.clone());
-                            }
-                        }
-                    })?,
-            );
-        }
-        Ok(DurabilityWaiter {
-            tx: Some(tx),
-            threads,
-        })
-    }
-
-    fn stop(&mut self) {
-        self.tx.take();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-pub struct Partition {
-    pub index: u32,
-    pub log: Arc<Log>,
-    waiter: Mutex<DurabilityWaiter>,
-    groups: Mutex<HashMap<String, GroupPartitionState>>,
-}
-
-impl Partition {
-    /// Completes once every offset below `target` is durable.
-    pub async fn durable(&self, target: u64) -> Result<(), BrokerError> {
-        if self.log.durable_offset() >= target {
-            return Ok(());
-        }
-        let (done, rx) = oneshot::channel();
-        let sent = match &self.waiter.lock().expect("waiter lock").tx {
-            Some(tx) => tx.send((target, done)).is_ok(),
-            None => false,
-        };
-        if !sent {
-            return Err(BrokerError::Stopping);
-        }
-        rx.await
-            .map_err(|_| BrokerError::Stopping)?
-            .map_err(BrokerError::Durability)
-    }
 }
 
 /// The settings stored in `topic.json`.
@@ -442,11 +366,7 @@ impl Broker {
         for name in names {
             let topic = broker.open_topic(&name, None)?;
             broker.restore_groups(&topic, &stored);
-            broker
-                .topics
-                .write()
-                .expect("topics lock")
-                .insert(name, topic);
+            write(&broker.topics).insert(name, topic);
         }
         // After the topics: the scheduler delivers into them.
         broker
@@ -484,7 +404,7 @@ impl Broker {
     pub fn begin_stop(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.notify_waiters();
-        for t in self.topics.read().expect("topics lock").values() {
+        for t in read(&self.topics).values() {
             t.appended.notify_waiters();
         }
     }
@@ -543,14 +463,7 @@ impl Broker {
             log.observe_flushes(Arc::new(move |d| metrics.flushed(d)));
             let report = log.recovery_report();
             tracing::debug!(topic = name, partition = index, ?report, "partition open");
-            let waiter = DurabilityWaiter::start(log.clone(), format!("bida-sync-{index}"))
-                .map_err(io_err(&dir))?;
-            partitions.push(Arc::new(Partition {
-                index,
-                log,
-                waiter: Mutex::new(waiter),
-                groups: Mutex::new(HashMap::new()),
-            }));
+            partitions.push(Arc::new(Partition::new(index, log).map_err(io_err(&dir))?));
         }
         Ok(Arc::new(Topic {
             name: name.to_owned(),
@@ -573,18 +486,12 @@ impl Broker {
             let acked: Vec<u64> = s.acked_above.iter().copied().collect();
             let mut state = GroupPartitionState::restore(s.committed, &acked, &s.delayed);
             state.skip_to(start);
-            partition
-                .groups
-                .lock()
-                .expect("groups lock")
-                .insert(g.clone(), state);
+            partition.groups().insert(g.clone(), state);
         }
     }
 
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
-        self.topics
-            .read()
-            .expect("topics lock")
+        read(&self.topics)
             .get(name)
             .cloned()
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))
@@ -627,7 +534,7 @@ impl Broker {
                 "{partitions} partitions; at most {PARTITIONS_MAX}"
             )));
         }
-        let _guard = self.create_lock.lock().expect("create lock");
+        let _guard = lock(&self.create_lock);
         if let Ok(existing) = self.topic(&req.topic) {
             return if req.if_not_exists {
                 Ok(existing)
@@ -653,21 +560,13 @@ impl Broker {
         };
         let topic = self.open_topic(&req.topic, Some(meta))?;
         tracing::info!(topic = %req.topic, partitions, "topic created");
-        self.topics
-            .write()
-            .expect("topics lock")
-            .insert(req.topic.clone(), topic.clone());
+        write(&self.topics).insert(req.topic.clone(), topic.clone());
         Ok(topic)
     }
 
     pub fn list_topics(&self) -> Vec<TopicSummary> {
-        let mut list: Vec<TopicSummary> = self
-            .topics
-            .read()
-            .expect("topics lock")
-            .values()
-            .map(|t| t.summary())
-            .collect();
+        let mut list: Vec<TopicSummary> =
+            read(&self.topics).values().map(|t| t.summary()).collect();
         list.sort_by(|a, b| a.topic.cmp(&b.topic));
         list
     }
@@ -685,7 +584,7 @@ impl Broker {
             .collect();
         let mut names = BTreeSet::new();
         for p in &topic.partitions {
-            names.extend(p.groups.lock().expect("groups lock").keys().cloned());
+            names.extend(p.groups().keys().cloned());
         }
         let groups = names
             .into_iter()
@@ -708,7 +607,7 @@ impl Broker {
             .iter()
             .map(|p| {
                 let end = p.log.next_offset();
-                let groups = p.groups.lock().expect("groups lock");
+                let groups = p.groups();
                 match groups.get(group) {
                     Some(s) => GroupPartition {
                         committed: s.committed(),
@@ -825,7 +724,7 @@ impl Broker {
     }
 
     fn groups(&self) -> std::sync::MutexGuard<'_, Option<GroupStore>> {
-        self.groups.lock().expect("group store lock")
+        lock(&self.groups)
     }
 
     /// Delivers up to `max_messages` / `max_bytes` of `topic` to `group`,
@@ -862,7 +761,7 @@ impl Broker {
             let scheduled;
             let dead = {
                 let now = now_ms();
-                let mut groups = p.groups.lock().expect("groups lock");
+                let mut groups = p.groups();
                 let state = match groups.get_mut(group) {
                     Some(s) => s,
                     None => {
@@ -962,13 +861,7 @@ impl Broker {
     /// Returns how many deliveries expired.
     pub async fn expire_deliveries(&self) -> Result<usize, BrokerError> {
         let now = now_ms();
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .read()
-            .expect("topics lock")
-            .values()
-            .cloned()
-            .collect();
+        let topics: Vec<Arc<Topic>> = read(&self.topics).values().cloned().collect();
         let mut expired = 0usize;
         for topic in topics {
             let policy = topic.policy(self.config.unacked_max);
@@ -976,7 +869,7 @@ impl Broker {
             for p in &topic.partitions {
                 let mut work = Vec::new();
                 {
-                    let mut groups = p.groups.lock().expect("groups lock");
+                    let mut groups = p.groups();
                     for (group, state) in groups.iter_mut() {
                         let in_flight = state.in_flight();
                         let dead = state.expire(now, &policy);
@@ -1017,7 +910,7 @@ impl Broker {
             .partitions
             .iter()
             .filter_map(|p| {
-                let groups = p.groups.lock().expect("groups lock");
+                let groups = p.groups();
                 let s = groups.get(group)?;
                 let timeout = if s.in_flight() > 0 {
                     Some(now_ms() + 50)
@@ -1097,7 +990,7 @@ impl Broker {
         self.metrics.dead_lettered(&topic.name, owned.len() as u64);
         let offsets: Vec<u64> = owned.iter().map(|o| o.4).collect();
         {
-            let mut groups = p.groups.lock().expect("groups lock");
+            let mut groups = p.groups();
             if let Some(state) = groups.get_mut(group) {
                 for &o in &offsets {
                     state.ack(o);
@@ -1136,7 +1029,7 @@ impl Broker {
             let mut dead = Vec::new();
             let scheduled;
             {
-                let mut groups = p.groups.lock().expect("groups lock");
+                let mut groups = p.groups();
                 let Some(state) = groups.get_mut(&req.group) else {
                     continue;
                 };
@@ -1197,13 +1090,7 @@ impl Broker {
         if let Some(store) = self.groups().take() {
             store.close();
         }
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .write()
-            .expect("topics lock")
-            .drain()
-            .map(|(_, t)| t)
-            .collect();
+        let topics: Vec<Arc<Topic>> = write(&self.topics).drain().map(|(_, t)| t).collect();
         let mut first_error = None;
         for topic in topics {
             // Tasks that were polling let go of the topic within a moment.
@@ -1226,7 +1113,7 @@ impl Broker {
                 }
             };
             for p in topic.partitions {
-                p.waiter.lock().expect("waiter lock").stop();
+                p.stop_waiting();
                 let Ok(p) = Arc::try_unwrap(p) else { continue };
                 let result = match Arc::try_unwrap(p.log) {
                     Ok(log) => log.close(),
@@ -1264,16 +1151,11 @@ fn log_options(config: &BrokerConfig) -> Options {
 }
 
 fn snapshot_groups(topics: &Topics) -> Vec<(GroupKey, Entry)> {
-    let topics: Vec<Arc<Topic>> = topics
-        .read()
-        .expect("topics lock")
-        .values()
-        .cloned()
-        .collect();
+    let topics: Vec<Arc<Topic>> = read(topics).values().cloned().collect();
     let mut out = Vec::new();
     for t in topics {
         for p in &t.partitions {
-            for (g, s) in p.groups.lock().expect("groups lock").iter() {
+            for (g, s) in p.groups().iter() {
                 let key = (t.name.clone(), p.index, g.clone());
                 out.push((
                     key.clone(),

@@ -50,6 +50,7 @@ use crate::protocol::body::ProduceRequest;
 use crate::protocol::frame::{self, FLAG_PUSH};
 use crate::protocol::txn::{Check, Decision, EndReply, Placed, TxnState, TXN_MESSAGES_MAX};
 use crate::protocol::Opcode;
+use crate::sync::lock;
 
 const KIND_DELAYED: u8 = 1;
 const KIND_HALF: u8 = 2;
@@ -390,17 +391,12 @@ impl Schedule {
     /// Starts the scheduler thread (delayed messages, check-backs,
     /// finishing decided transactions).
     pub fn start(self: &Arc<Self>, broker: Weak<Broker>) -> std::io::Result<()> {
-        let rx = self
-            .wake_rx
-            .lock()
-            .expect("wake")
-            .take()
-            .expect("started once");
+        let rx = lock(&self.wake_rx).take().expect("started once");
         let me = Arc::clone(self);
         let handle = std::thread::Builder::new()
             .name("bida-schedule".into())
             .spawn(move || me.run(broker, rx))?;
-        *self.thread.lock().expect("thread") = Some(handle);
+        *lock(&self.thread) = Some(handle);
         Ok(())
     }
 
@@ -410,7 +406,7 @@ impl Schedule {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn poke(&self) {
@@ -757,7 +753,7 @@ impl Schedule {
         tx: mpsc::WeakSender<super::server::Outgoing>,
         correlation_id: u64,
     ) {
-        let mut p = self.producers.lock().expect("producers");
+        let mut p = lock(&self.producers);
         let list = p.entry(group.to_owned()).or_default();
         list.retain(|r| r.tx.strong_count() > 0);
         list.push(Registered { tx, correlation_id });
@@ -766,7 +762,7 @@ impl Schedule {
     /// Sends a check to a live producer of the group: the `n`-th live one,
     /// so successive checks rotate over the group's producers.
     fn send_check(&self, check: &Check, n: u32) -> bool {
-        let mut p = self.producers.lock().expect("producers");
+        let mut p = lock(&self.producers);
         let Some(list) = p.get_mut(&check.group) else {
             return false;
         };
@@ -990,7 +986,7 @@ impl Schedule {
     pub fn close(&self) -> Result<(), BrokerError> {
         self.stop.store(true, Ordering::Release);
         self.poke();
-        if let Some(t) = self.thread.lock().expect("thread").take() {
+        if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
         // Flushes and records a clean shutdown (the log is shared).

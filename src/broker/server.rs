@@ -30,6 +30,7 @@ use crate::protocol::body::{
 use crate::protocol::frame::{self, FLAG_PUSH, FLAG_RESPONSE};
 use crate::protocol::txn;
 use crate::protocol::{ErrorCode, FrameHeader, Opcode, WireError, FRAME_HEADER_LEN};
+use crate::sync::lock;
 use crate::tls::TlsAcceptor;
 
 /// Bytes of deliveries in one FETCH reply or DELIVER push, at most.
@@ -99,7 +100,7 @@ impl FrameRoom {
     }
 
     fn holders(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Holder>> {
-        self.holders.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.holders)
     }
 
     /// Waits for `kib` of room until `deadline`, evicting stalled holders
@@ -251,7 +252,7 @@ impl ReplyRoom {
     }
 
     fn readers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Reader>> {
-        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.readers)
     }
 
     /// Waits for `kib` of shared room, ending stalled readers meanwhile.
@@ -536,7 +537,7 @@ impl Conn {
 
     fn idle(&self) -> bool {
         self.inflight.available_permits() == self.inflight_max as usize
-            && self.subs.lock().expect("subs").is_empty()
+            && lock(&self.subs).is_empty()
     }
 }
 
@@ -751,7 +752,7 @@ async fn connection<R, W>(
     room.release(room_id);
     drop(frame_room);
     conn.broker.reply_room().readers().remove(&conn.id);
-    for sub in conn.subs.lock().expect("subs").drain() {
+    for sub in lock(&conn.subs).drain() {
         sub.1.cancelled.store(true, Ordering::Release);
         sub.1.changed.notify_one();
     }
@@ -960,7 +961,7 @@ async fn dispatch(
                     .await;
                 return Ok(());
             }
-            if conn.subs.lock().expect("subs").len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
+            if lock(&conn.subs).len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
                 let e = BrokerError::InvalidRequest(format!(
                     "a connection may hold at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions"
                 ));
@@ -972,10 +973,7 @@ async fn dispatch(
                 changed: Notify::new(),
                 cancelled: AtomicBool::new(false),
             });
-            conn.subs
-                .lock()
-                .expect("subs")
-                .insert(h.correlation_id, sub.clone());
+            lock(&conn.subs).insert(h.correlation_id, sub.clone());
             conn.send(conn.reply(&h, |_| {})).await;
             tokio::spawn(push_loop(
                 conn.clone(),
@@ -987,17 +985,12 @@ async fn dispatch(
         }
         Opcode::Credit | Opcode::Unsubscribe => {
             let req = Credit::decode(&body)?;
-            let sub = conn
-                .subs
-                .lock()
-                .expect("subs")
-                .get(&req.subscription)
-                .cloned();
+            let sub = lock(&conn.subs).get(&req.subscription).cloned();
             let frame = match sub {
                 None => broker_error(&h, &BrokerError::UnknownSubscription(req.subscription)),
                 Some(sub) => {
                     if h.opcode == Opcode::Unsubscribe {
-                        conn.subs.lock().expect("subs").remove(&req.subscription);
+                        lock(&conn.subs).remove(&req.subscription);
                         sub.cancelled.store(true, Ordering::Release);
                     } else {
                         let _ = sub

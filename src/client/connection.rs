@@ -16,6 +16,7 @@ use crate::protocol::body::{decode_deliveries, Delivery, ErrorBody, Hello, Hello
 use crate::protocol::frame::{self, VERSION};
 use crate::protocol::txn::Check;
 use crate::protocol::{Opcode, FRAME_HEADER_LEN};
+use crate::sync::lock;
 
 /// Correlation ids are unique in the process, so a frame built ahead (a
 /// producer's batch) keeps its id across attempts and connections.
@@ -47,7 +48,7 @@ impl Answer {
 impl Drop for Answer {
     fn drop(&mut self) {
         // Abandoned (timed out): forget it, so a late answer is discarded.
-        self.pending.lock().expect("pending").remove(&self.id);
+        lock(&self.pending).remove(&self.id);
     }
 }
 
@@ -128,11 +129,11 @@ impl Connection {
                 let error = read_loop(&mut rd, &pending, &pushes, &checks).await;
                 closed.store(true, Ordering::Release);
                 // Dropping the senders ends each check listener's stream.
-                checks.lock().expect("checks").clear();
-                for (_, p) in pending.lock().expect("pending").drain() {
+                lock(&checks).clear();
+                for (_, p) in lock(&pending).drain() {
                     let _ = p.send(Err(error.clone()));
                 }
-                for (_, p) in pushes.lock().expect("pushes").drain() {
+                for (_, p) in lock(&pushes).drain() {
                     let _ = p.send(Err(error.clone()));
                 }
             });
@@ -171,14 +172,14 @@ impl Connection {
     pub fn start_request(&self, opcode: Opcode, body: &[u8]) -> Result<Answer, ClientError> {
         let id = self.next_correlation();
         let (done, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, done);
+        lock(&self.pending).insert(id, done);
         if self.is_closed()
             || self
                 .tx
                 .send(Bytes::from(frame::encode(opcode, 0, id, body)))
                 .is_err()
         {
-            self.pending.lock().expect("pending").remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(ClientError::Closed);
         }
         Ok(Answer {
@@ -193,15 +194,9 @@ impl Connection {
     /// answer to either attempt answers both.
     pub fn start_prebuilt(&self, correlation_id: u64, frame: Bytes) -> Result<Answer, ClientError> {
         let (done, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending")
-            .insert(correlation_id, done);
+        lock(&self.pending).insert(correlation_id, done);
         if self.is_closed() || self.tx.send(frame).is_err() {
-            self.pending
-                .lock()
-                .expect("pending")
-                .remove(&correlation_id);
+            lock(&self.pending).remove(&correlation_id);
             return Err(ClientError::Closed);
         }
         Ok(Answer {
@@ -231,9 +226,9 @@ impl Connection {
     > {
         let id = self.next_correlation();
         let (push_tx, push_rx) = mpsc::unbounded_channel();
-        self.pushes.lock().expect("pushes").insert(id, push_tx);
+        lock(&self.pushes).insert(id, push_tx);
         let (done, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, done);
+        lock(&self.pending).insert(id, done);
         if self
             .tx
             .send(Bytes::from(frame::encode(Opcode::Subscribe, 0, id, body)))
@@ -244,7 +239,7 @@ impl Connection {
         match rx.await.unwrap_or(Err(ClientError::Closed)) {
             Ok(_) => Ok((id, push_rx)),
             Err(e) => {
-                self.pushes.lock().expect("pushes").remove(&id);
+                lock(&self.pushes).remove(&id);
                 Err(e)
             }
         }
@@ -259,11 +254,11 @@ impl Connection {
     ) -> Result<mpsc::UnboundedReceiver<Check>, ClientError> {
         let id = self.next_correlation();
         let (check_tx, check_rx) = mpsc::unbounded_channel();
-        self.checks.lock().expect("checks").insert(id, check_tx);
+        lock(&self.checks).insert(id, check_tx);
         let mut body = Vec::new();
         crate::protocol::txn::encode_register(group, &mut body);
         let (done, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, done);
+        lock(&self.pending).insert(id, done);
         if self.is_closed()
             || self
                 .tx
@@ -275,21 +270,21 @@ impl Connection {
                 )))
                 .is_err()
         {
-            self.pending.lock().expect("pending").remove(&id);
-            self.checks.lock().expect("checks").remove(&id);
+            lock(&self.pending).remove(&id);
+            lock(&self.checks).remove(&id);
             return Err(ClientError::Closed);
         }
         match rx.await.unwrap_or(Err(ClientError::Closed)) {
             Ok(_) => Ok(check_rx),
             Err(e) => {
-                self.checks.lock().expect("checks").remove(&id);
+                lock(&self.checks).remove(&id);
                 Err(e)
             }
         }
     }
 
     pub fn forget_subscription(&self, id: u64) {
-        self.pushes.lock().expect("pushes").remove(&id);
+        lock(&self.pushes).remove(&id);
     }
 }
 
@@ -320,14 +315,14 @@ async fn read_loop(
                     Ok(c) => c,
                     Err(e) => return ClientError::Protocol(e),
                 };
-                if let Some(c) = checks.lock().expect("checks").get(&h.correlation_id) {
+                if let Some(c) = lock(checks).get(&h.correlation_id) {
                     let _ = c.send(check);
                 }
                 continue;
             }
             if h.is_push() {
                 let deliveries = decode_deliveries(&body).map_err(ClientError::Protocol);
-                if let Some(p) = pushes.lock().expect("pushes").get(&h.correlation_id) {
+                if let Some(p) = lock(pushes).get(&h.correlation_id) {
                     let _ = p.send(deliveries);
                 }
                 continue;
@@ -350,7 +345,7 @@ async fn read_loop(
                 }
                 continue;
             }
-            let waiter = pending.lock().expect("pending").remove(&h.correlation_id);
+            let waiter = lock(pending).remove(&h.correlation_id);
             match waiter {
                 Some(w) => {
                     let _ = w.send(result);
@@ -358,7 +353,7 @@ async fn read_loop(
                 None => {
                     // An error for a subscription's pushes.
                     if let Err(e) = result {
-                        if let Some(p) = pushes.lock().expect("pushes").get(&h.correlation_id) {
+                        if let Some(p) = lock(pushes).get(&h.correlation_id) {
                             let _ = p.send(Err(e));
                         }
                     }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::error::{Result, StorageError};
+use crate::sync::lock;
 
 /// Flushes of one log that may run at the same time.
 pub const FLUSHES_IN_FLIGHT: usize = 2;
@@ -58,7 +59,7 @@ impl GroupCommit {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Every offset below this is durable.

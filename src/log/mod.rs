@@ -44,6 +44,7 @@ pub use options::{
 pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
 
+use crate::sync::{lock, read, write};
 use flush::GroupCommit;
 pub use flush::FLUSHES_IN_FLIGHT;
 use mmap::{MapWriter, SegmentMap};
@@ -607,7 +608,7 @@ impl Inner {
     }
 
     fn segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {
-        self.segments.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.segments)
     }
 
     fn append(&self, batch: &[Message<'_>]) -> Result<Appended> {
@@ -784,10 +785,7 @@ impl Inner {
             return Err(StorageError::Failed(cause));
         }
         self.group.advance(base);
-        self.segments
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(segment);
+        write(&self.segments).push(segment);
         *lock(&self.unsealed) = Some((old, old_map));
         if !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
             let _ = self.signal.try_send(Signal::Work);
@@ -934,7 +932,7 @@ impl Inner {
         if !doomed.is_empty() {
             // Not while its seal may still be writing index files.
             self.finish_seal();
-            let mut segments = self.segments.write().unwrap_or_else(|p| p.into_inner());
+            let mut segments = write(&self.segments);
             segments.retain(|s| !doomed.iter().any(|d| Arc::ptr_eq(s, d)));
         }
         for segment in &doomed {
@@ -1353,11 +1351,6 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .and_then(|()| file.write_all(me.as_bytes()))
         .map_err(StorageError::io(&path))?;
     Ok(file)
-}
-
-/// Locks `m`, taking the state of a panicked holder as it is.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn remove_temporary_files(dir: &Path) -> Result<()> {

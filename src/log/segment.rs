@@ -22,6 +22,7 @@ use super::mmap::{prefetch, MapWriter, SegmentMap};
 use super::options::WritePath;
 use super::record;
 use super::recovery::{nonzero_end, scan_segment, Scan};
+use crate::sync::lock;
 
 pub const LOG_SUFFIX: &str = "log";
 pub const INDEX_SUFFIX: &str = "index";
@@ -293,7 +294,7 @@ impl Segment {
     }
 
     pub(crate) fn index(&self) -> MutexGuard<'_, SegmentIndex> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.index)
     }
 
     pub(crate) fn next_offset(&self) -> u64 {
@@ -475,7 +476,7 @@ impl Segment {
                 .map_err(StorageError::io(&self.path))?;
         }
         if self.dir_unsynced.load(Ordering::Acquire) {
-            let _syncing = self.dir_sync.lock().unwrap_or_else(|p| p.into_inner());
+            let _syncing = lock(&self.dir_sync);
             if self.dir_unsynced.load(Ordering::Acquire) {
                 if let Some(dir) = self.path.parent() {
                     sync_dir(dir)?;
@@ -802,10 +803,7 @@ fn flush_journal(path: &Path, end: usize) {
     });
     if let Some(file) = journal {
         let line = format!("{} {end}\n", path.display());
-        let _ = file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(line.as_bytes());
+        let _ = lock(file).write_all(line.as_bytes());
     }
 }
 
