@@ -53,6 +53,10 @@ fn build(dir: &std::path::Path, messages: u64, groups: u32) {
         })
         .expect("create");
     let payload = [0x42u8; 100];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let per_partition = messages / PARTITIONS as u64;
     for p in 0..PARTITIONS {
         let mut sent = 0u64;
@@ -65,13 +69,12 @@ fn build(dir: &std::path::Path, messages: u64, groups: u32) {
                     ..Message::default()
                 })
                 .collect();
-            broker
-                .produce(&ProduceRequest {
-                    topic: TOPIC,
-                    partition: p,
-                    messages: msgs,
-                })
-                .expect("produce");
+            let ack = broker.produce(&ProduceRequest {
+                topic: TOPIC,
+                partition: p,
+                messages: msgs,
+            });
+            runtime.block_on(ack).expect("produce");
             sent += n;
         }
     }

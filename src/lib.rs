@@ -6,7 +6,10 @@
 //!   commit) or `Async` flushing, torn-tail recovery, retention, and a window
 //!   of inner-msg-ids that makes a retried append store nothing new.
 //! - [`protocol`]: the wire format, pure codecs (docs/PROTOCOL.md).
-//! - [`broker`]: topics, partitions, consumer groups, and the TCP server.
+//! - [`broker`]: topics of partitions, consumer groups, delayed and half
+//!   messages; it owns when a request is acknowledged.
+//! - [`server`]: the wire edge above the broker: the TCP listener, one
+//!   file per opcode family, memory admission, and the admin HTTP listener.
 //! - [`client`]: the Rust client: producer with retries, consumer, and the
 //!   idempotent-consumer helper.
 //! - [`tls`]: optional TLS (rustls) around the protocol and the admin
@@ -21,5 +24,6 @@ pub mod client;
 pub mod log;
 pub mod net;
 pub mod protocol;
+pub mod server;
 mod sync;
 pub mod tls;

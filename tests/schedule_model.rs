@@ -68,6 +68,15 @@ fn config(dir: &std::path::Path, clock: &Clock) -> BrokerConfig {
     }
 }
 
+/// Waits for a broker answer from this synchronous test.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 fn inner_id(i: u64) -> InnerMsgId {
     InnerMsgId(0x5C4E_0000_0000_0000_0000_0000_0000_0000 | u128::from(i))
 }
@@ -128,8 +137,8 @@ fn run(ops: &[Op]) {
                         }],
                     },
                 };
-                let (_, appended) = broker.produce_delayed(&req).unwrap();
-                let duplicate = appended.outcomes[0].duplicate;
+                let ack = block_on(broker.produce_delayed(&req)).unwrap();
+                let duplicate = ack.outcomes[0].duplicate;
                 let in_window = accepted
                     .iter()
                     .rev()

@@ -1,6 +1,7 @@
 //! The broker: topics of partitions (one [`Log`] each), consumer groups
-//! with acks, redelivery and dead letters, and the TCP server in
-//! [`server`]. Knows nothing of sockets outside `server`.
+//! with acks, redelivery and dead letters, delayed and half messages. It
+//! knows nothing of sockets or frames: `crate::server` speaks the wire and
+//! calls it.
 //!
 //! Data directory:
 //!
@@ -13,22 +14,22 @@
 //!                                  (schedule.rs)
 //! ```
 
-pub mod admin;
 pub mod config;
 pub mod dlq;
+mod durability;
 pub mod group;
 pub mod group_store;
 pub mod metrics;
 pub mod partition;
 pub mod schedule;
-pub mod server;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -42,13 +43,13 @@ pub use partition::Partition;
 use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
-use crate::log::{Appended, FlushMode, Log, Options, StorageError};
+use crate::log::{AppendOutcome, Appended, FlushMode, Log, Options, StorageError};
 use crate::protocol::body::{
     self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, PartitionInfo,
     ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION, NACK_DEFAULT_DELAY,
     PARTITIONS_MAX,
 };
-use crate::protocol::txn::{DelayedRequest, HalfRequest, Placed};
+use crate::protocol::txn::{Decision, DelayedRequest, EndReply, HalfRequest, Placed};
 use crate::protocol::{ErrorCode, KeyHash};
 use crate::sync::{lock, read, write};
 
@@ -60,6 +61,9 @@ pub const DLQ_HEADER_ATTEMPTS: &str = "bida-attempts";
 pub const DLQ_HEADER_GROUP: &str = "bida-group";
 /// The dead-letter topic of `T` is `T` + this.
 pub const DLQ_SUFFIX: &str = ".dlq";
+/// How often the broker's timer looks for deliveries past their ack
+/// deadline (so redelivery and the move to the DLQ are at most this late).
+pub const EXPIRY_TICK_MS: u64 = 100;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -280,6 +284,27 @@ impl Topic {
     }
 }
 
+/// What the broker stored for one batch: the partition it went to, and
+/// per message its offset and whether it was a duplicate (an inner-msg-id
+/// stored before: the offset is the original's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProduceAck {
+    pub partition: u32,
+    pub outcomes: Vec<AppendOutcome>,
+}
+
+/// Runs a storage call that may block (fsyncs, creating files) from async
+/// code: on tokio's multi-thread runtime with `block_in_place`, so the
+/// worker's other tasks move to another thread meanwhile; anywhere else (no
+/// runtime, a blocking thread, a current-thread runtime) as it is.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 type Topics = Arc<RwLock<HashMap<String, Arc<Topic>>>>;
 
 pub struct Broker {
@@ -289,10 +314,6 @@ pub struct Broker {
     schedule: Arc<Schedule>,
     metrics: Arc<BrokerMetrics>,
     create_lock: Mutex<()>,
-    /// `frame_memory_max`: room for large frames still arriving.
-    frame_room: Arc<server::FrameRoom>,
-    /// As much again for deliveries queued to clients.
-    reply_room: Arc<server::ReplyRoom>,
     stopping: std::sync::atomic::AtomicBool,
     /// Woken when the broker starts stopping.
     pub stop: Notify,
@@ -339,11 +360,6 @@ impl Broker {
                 delayed_max: config.delayed_max,
             },
         )?);
-        let frame_room = Arc::new(server::FrameRoom::new(
-            config.frame_memory_max,
-            config.frame_bytes_max,
-        ));
-        let reply_room = Arc::new(server::ReplyRoom::new(config.frame_memory_max));
         let broker = Arc::new(Broker {
             config,
             topics,
@@ -351,8 +367,6 @@ impl Broker {
             schedule,
             metrics: Arc::default(),
             create_lock: Mutex::new(()),
-            frame_room,
-            reply_room,
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -384,16 +398,6 @@ impl Broker {
     /// Counters and latency histograms (see `metrics.rs`).
     pub fn metrics(&self) -> &BrokerMetrics {
         &self.metrics
-    }
-
-    /// The budget for large frames the TCP edge is reading in.
-    pub fn frame_room(&self) -> &Arc<server::FrameRoom> {
-        &self.frame_room
-    }
-
-    /// The budget for deliveries queued to clients.
-    pub fn reply_room(&self) -> &Arc<server::ReplyRoom> {
-        &self.reply_room
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -512,8 +516,11 @@ impl Broker {
         }
     }
 
+    /// Creates a topic (or answers the existing one with `if_not_exists`).
+    /// It creates and syncs files: from async code it runs with
+    /// `block_in_place`.
     pub fn create_topic(&self, req: &body::CreateTopic) -> Result<Arc<Topic>, BrokerError> {
-        self.create_topic_named(req, true)
+        off_worker(|| self.create_topic_named(req, true))
     }
 
     fn create_topic_named(
@@ -521,6 +528,13 @@ impl Broker {
         req: &body::CreateTopic,
         check: bool,
     ) -> Result<Arc<Topic>, BrokerError> {
+        if let Ok(existing) = self.topic(&req.topic) {
+            // The common case of a dead-letter topic or an auto-created
+            // one: no lock, no files.
+            if req.if_not_exists {
+                return Ok(existing);
+            }
+        }
         if check {
             check_name("topic", &req.topic).map_err(BrokerError::InvalidName)?;
         }
@@ -629,15 +643,51 @@ impl Broker {
             .collect()
     }
 
-    /// Appends a batch to one partition. Under sync flush the caller must
-    /// await `partition.durable(appended.durable_target())` before acking.
+    /// Stores a batch and answers once the flush policy is met: durable
+    /// under sync flush, appended under async. The broker alone decides
+    /// when a produce is acknowledged.
+    ///
+    /// The append happens in this call, before the future is first polled:
+    /// a caller that starts produces in order stores them in that order
+    /// (a connection's pipelined batches), and may await or spawn the
+    /// answers as it likes. An append that may roll its segment (a roll
+    /// flushes the old one and may create a file) runs with
+    /// `block_in_place`, so it does not hold up the worker's other tasks.
     pub fn produce(
+        &self,
+        req: &ProduceRequest<'_>,
+    ) -> impl Future<Output = Result<ProduceAck, BrokerError>> + Send + 'static {
+        let started = Instant::now();
+        let placed = self.append_produce(req);
+        let sync = self.config.flush == FlushMode::Sync;
+        let metrics = Arc::clone(&self.metrics);
+        async move {
+            let (partition, appended) = placed?;
+            if sync {
+                partition.durable(appended.durable_target()).await?;
+            }
+            metrics.produce_acked(started.elapsed());
+            Ok(ProduceAck {
+                partition: partition.index,
+                outcomes: appended.outcomes,
+            })
+        }
+    }
+
+    /// The append of [`Broker::produce`].
+    fn append_produce(
         &self,
         req: &ProduceRequest<'_>,
     ) -> Result<(Arc<Partition>, Appended), BrokerError> {
         let (topic, index) = self.resolve(req)?;
         let partition = topic.partition(index)?.clone();
-        let appended = partition.log.append(&req.messages).map_err(|e| match e {
+        let log = &partition.log;
+        let appended = if log.append_may_roll(&req.messages) {
+            off_worker(|| log.append(&req.messages))
+        } else {
+            log.append(&req.messages)
+        }
+        .map_err(|e| match e {
             e @ StorageError::InvalidMessage { .. } => BrokerError::InvalidMessage(e),
             e => BrokerError::Storage(e),
         })?;
@@ -671,29 +721,83 @@ impl Broker {
         Ok((topic, index))
     }
 
-    /// Stores a batch that becomes visible in its topic after `delay_ms`.
-    /// Under sync flush the caller waits for
-    /// `schedule().wait_durable(appended.durable_target())`.
+    /// Stores a batch that becomes visible in its topic after `delay_ms`,
+    /// answering like [`Broker::produce`] once the schedule log holds it as
+    /// the flush policy requires (the store happens in this call).
     pub fn produce_delayed(
         &self,
         req: &DelayedRequest<'_>,
-    ) -> Result<(u32, Appended), BrokerError> {
-        let (topic, index) = self.resolve(&req.produce)?;
-        let appended = self
-            .schedule
-            .delay(&topic.name, index, req.delay_ms, &req.produce)?;
-        Ok((index, appended))
+    ) -> impl Future<Output = Result<ProduceAck, BrokerError>> + Send + 'static {
+        let placed = self.resolve(&req.produce).and_then(|(topic, index)| {
+            let appended = off_worker(|| {
+                self.schedule
+                    .delay(&topic.name, index, req.delay_ms, &req.produce)
+            })?;
+            Ok((index, appended))
+        });
+        self.scheduled_ack(placed)
     }
 
-    /// Stores half messages of a transaction (same durability rule as
-    /// `produce_delayed`).
-    pub fn produce_half(&self, req: &HalfRequest<'_>) -> Result<(u32, Appended), BrokerError> {
-        check_name("group", req.group).map_err(BrokerError::InvalidName)?;
-        let (topic, index) = self.resolve(&req.produce)?;
-        let appended =
-            self.schedule
-                .half(req.group, req.txn_id, &topic.name, index, &req.produce)?;
-        Ok((index, appended))
+    /// Stores half messages of a transaction, answering like
+    /// [`Broker::produce_delayed`].
+    pub fn produce_half(
+        &self,
+        req: &HalfRequest<'_>,
+    ) -> impl Future<Output = Result<ProduceAck, BrokerError>> + Send + 'static {
+        let placed = check_name("group", req.group)
+            .map_err(BrokerError::InvalidName)
+            .and_then(|()| self.resolve(&req.produce))
+            .and_then(|(topic, index)| {
+                let appended = off_worker(|| {
+                    self.schedule
+                        .half(req.group, req.txn_id, &topic.name, index, &req.produce)
+                })?;
+                Ok((index, appended))
+            });
+        self.scheduled_ack(placed)
+    }
+
+    /// The answer to a batch stored in the schedule log.
+    fn scheduled_ack(
+        &self,
+        placed: Result<(u32, Appended), BrokerError>,
+    ) -> impl Future<Output = Result<ProduceAck, BrokerError>> + Send + 'static {
+        let sync = self.config.flush == FlushMode::Sync;
+        let schedule = Arc::clone(&self.schedule);
+        async move {
+            let (partition, appended) = placed?;
+            if sync {
+                schedule.durable(appended.durable_target()).await?;
+            }
+            Ok(ProduceAck {
+                partition,
+                outcomes: appended.outcomes,
+            })
+        }
+    }
+
+    /// Ends a transaction: commits, rolls back, or (`Unknown`) leaves it
+    /// for the check-backs. A decision is durable and a commit applied
+    /// before the answer. Runs on a blocking thread: it appends to the
+    /// schedule and to topics and waits for their flushes.
+    pub async fn end_txn(
+        self: &Arc<Self>,
+        txn_id: u128,
+        decision: Decision,
+    ) -> Result<EndReply, BrokerError> {
+        let broker = Arc::clone(self);
+        tokio::task::spawn_blocking(move || broker.schedule.end(&broker, txn_id, decision)).await?
+    }
+
+    /// Registers where the check-backs of producer group `group` go.
+    pub fn register_checks(
+        &self,
+        group: &str,
+        sink: Box<dyn schedule::CheckSink>,
+    ) -> Result<(), BrokerError> {
+        check_name("group", group).map_err(BrokerError::InvalidName)?;
+        self.schedule.register(group, sink);
+        Ok(())
     }
 
     /// Appends messages stored in the schedule (fired delayed messages, a
@@ -853,8 +957,27 @@ impl Broker {
         Ok(count)
     }
 
-    /// The broker's own timer, run every `EXPIRY_TICK_MS` by the server:
-    /// every delivery whose ack deadline has passed becomes due for
+    /// The broker's own timer: runs [`Broker::expire_deliveries`] every
+    /// [`EXPIRY_TICK_MS`] until `stop` turns true (the server runs it while
+    /// it serves).
+    pub async fn run_expiry_timer(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(EXPIRY_TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(e) = self.expire_deliveries().await {
+                tracing::warn!(error = %e, "expiring deliveries failed; trying again next tick");
+            }
+        }
+    }
+
+    /// One tick of the broker's own timer: every delivery whose ack deadline has passed becomes due for
     /// redelivery (after its backoff), and one on its last attempt moves to
     /// the dead-letter topic, whether or not anyone fetches. Without it a
     /// group nobody polls would hold its deliveries in flight forever.
@@ -935,15 +1058,17 @@ impl Broker {
         dead: Vec<DeadLetter>,
     ) -> Result<(), BrokerError> {
         let dlq_name = format!("{}{DLQ_SUFFIX}", topic.name);
-        let dlq = self.create_topic_named(
-            &body::CreateTopic {
-                topic: dlq_name.clone(),
-                partitions: 1,
-                if_not_exists: true,
-                config: TopicConfig::default(),
-            },
-            false,
-        )?;
+        let dlq = off_worker(|| {
+            self.create_topic_named(
+                &body::CreateTopic {
+                    topic: dlq_name.clone(),
+                    partitions: 1,
+                    if_not_exists: true,
+                    config: TopicConfig::default(),
+                },
+                false,
+            )
+        })?;
         let mut owned = Vec::with_capacity(dead.len());
         for d in &dead {
             let batch = p.log.read(d.offset, 1, 1)?;

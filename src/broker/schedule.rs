@@ -39,17 +39,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use tokio::sync::mpsc;
 
+use super::durability::DurabilityWaiter;
 use super::{Broker, BrokerError};
 use crate::log::record::{InnerMsgId, Message};
 use crate::log::{Appended, Log, Options, Record};
 use crate::protocol::body::ProduceRequest;
-use crate::protocol::frame::{self, FLAG_PUSH};
 use crate::protocol::txn::{Check, Decision, EndReply, Placed, TxnState, TXN_MESSAGES_MAX};
-use crate::protocol::Opcode;
 use crate::sync::lock;
 
 const KIND_DELAYED: u8 = 1;
@@ -258,10 +255,15 @@ impl State {
     }
 }
 
-/// A connection registered for a producer group's check-backs.
-struct Registered {
-    tx: mpsc::WeakSender<super::server::Outgoing>,
-    correlation_id: u64,
+/// Where the schedule sends a producer group's check-backs: in the broker
+/// a connection that registered with TXN_REGISTER. The schedule emits typed
+/// [`Check`] events; the server encodes them (a TXN_CHECK push).
+pub trait CheckSink: Send + Sync {
+    /// The connection behind it is still open.
+    fn is_open(&self) -> bool;
+    /// Queues `check` without waiting: false if the connection has gone or
+    /// its queue is full (the next check tries another producer).
+    fn try_send(&self, check: &Check) -> bool;
 }
 
 /// Counters for operators.
@@ -275,9 +277,11 @@ pub struct ScheduleMetrics {
 
 pub struct Schedule {
     log: Arc<Log>,
+    /// Answers `durable` without blocking a tokio worker.
+    waiter: DurabilityWaiter,
     limits: Limits,
     state: Mutex<State>,
-    producers: Mutex<HashMap<String, Vec<Registered>>>,
+    producers: Mutex<HashMap<String, Vec<Box<dyn CheckSink>>>>,
     wake: Sender<()>,
     wake_rx: Mutex<Option<Receiver<()>>>,
     stop: AtomicBool,
@@ -374,8 +378,14 @@ impl Schedule {
             "schedule open"
         );
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        let waiter = DurabilityWaiter::start(Arc::clone(&log), "bida-sync-schedule".into())
+            .map_err(|e| BrokerError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
         Ok(Schedule {
             log,
+            waiter,
             limits,
             state: Mutex::new(state),
             producers: Mutex::new(HashMap::new()),
@@ -425,9 +435,9 @@ impl Schedule {
         (s.timers.len(), s.txns.len())
     }
 
-    /// Blocks until the schedule log is durable up to `target`.
-    pub fn wait_durable(&self, target: u64) -> Result<(), BrokerError> {
-        Ok(self.log.wait_durable(target)?)
+    /// Completes once the schedule log is durable up to `target`.
+    pub async fn durable(&self, target: u64) -> Result<(), BrokerError> {
+        self.waiter.durable(&self.log, target).await
     }
 
     /// Stores delayed messages for `partition` of `topic`. A retried
@@ -747,16 +757,11 @@ impl Schedule {
     }
 
     /// Registers a connection for the check-backs of `group`.
-    pub fn register(
-        &self,
-        group: &str,
-        tx: mpsc::WeakSender<super::server::Outgoing>,
-        correlation_id: u64,
-    ) {
+    pub fn register(&self, group: &str, sink: Box<dyn CheckSink>) {
         let mut p = lock(&self.producers);
         let list = p.entry(group.to_owned()).or_default();
-        list.retain(|r| r.tx.strong_count() > 0);
-        list.push(Registered { tx, correlation_id });
+        list.retain(|r| r.is_open());
+        list.push(sink);
     }
 
     /// Sends a check to a live producer of the group: the `n`-th live one,
@@ -766,23 +771,12 @@ impl Schedule {
         let Some(list) = p.get_mut(&check.group) else {
             return false;
         };
-        list.retain(|r| r.tx.strong_count() > 0);
+        list.retain(|r| r.is_open());
         if list.is_empty() {
             return false;
         }
         let start = n as usize % list.len();
-        for i in 0..list.len() {
-            let r = &list[(start + i) % list.len()];
-            let Some(tx) = r.tx.upgrade() else { continue };
-            let mut out = Vec::with_capacity(64);
-            frame::encode_header(&mut out, Opcode::TxnCheck, FLAG_PUSH, r.correlation_id, 0);
-            check.encode(&mut out);
-            frame::patch_length(&mut out);
-            if tx.try_send(Bytes::from(out).into()).is_ok() {
-                return true;
-            }
-        }
-        false
+        (0..list.len()).any(|i| list[(start + i) % list.len()].try_send(check))
     }
 
     fn run(self: Arc<Self>, broker: Weak<Broker>, wake: Receiver<()>) {
@@ -989,6 +983,7 @@ impl Schedule {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
+        self.waiter.stop();
         // Flushes and records a clean shutdown (the log is shared).
         self.log.shutdown()?;
         Ok(())

@@ -16,9 +16,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use bida::broker::{server, Broker, BrokerConfig};
+use bida::broker::{Broker, BrokerConfig};
 use bida::client::txn::{Decision, TransactionalProducer};
 use bida::client::{Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
+use bida::server;
 
 use super::FlushArg;
 

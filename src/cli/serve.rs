@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bida::broker::config::parse_flush;
-use bida::broker::{admin, server, Broker, BrokerConfig};
+use bida::broker::{Broker, BrokerConfig};
+use bida::server::{self, admin};
 
 use super::FlushArg;
 

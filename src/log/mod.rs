@@ -374,6 +374,27 @@ impl Log {
         self.inner.append(batch)
     }
 
+    /// Whether appending `batch` now may roll the active segment: it is
+    /// too full for the batch, or too old. A roll flushes the old segment
+    /// and may create a file, so a caller on an async worker runs such an
+    /// append where it may block. A racing append can roll first: this
+    /// chooses where to run an append, it promises nothing.
+    pub fn append_may_roll(&self, batch: &[Message<'_>]) -> bool {
+        let bytes: usize = batch
+            .iter()
+            .map(|m| {
+                RECORD_HEADER_LEN + m.key.map_or(0, <[u8]>::len) + m.headers.len() + m.payload.len()
+            })
+            .sum();
+        let inner = &self.inner;
+        let now = inner.options.clock.now_ms();
+        let w = inner.lock_writer();
+        w.map.remaining() < bytes
+            || w.active
+                .first_timestamp_ms()
+                .is_some_and(|first| now.saturating_sub(first) >= inner.options.segment_age_ms)
+    }
+
     /// Appends and returns once the flush policy allows acknowledging:
     /// durable under `Sync`, at once under `Async`.
     pub fn append_acked(&self, batch: &[Message<'_>]) -> Result<Appended> {

@@ -25,7 +25,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{metrics, Broker, BrokerError, DLQ_SUFFIX};
+use super::scrape;
+use crate::broker::{Broker, BrokerError, DLQ_SUFFIX};
 use crate::log::record::HeaderIter;
 use crate::log::FlushMode;
 use crate::protocol::ErrorCode;
@@ -71,7 +72,7 @@ async fn require_token(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !super::config::same_secret(given.as_bytes(), token.as_bytes()) {
+        if !crate::broker::config::same_secret(given.as_bytes(), token.as_bytes()) {
             let mut r = ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 code: ErrorCode::Unauthorized as u16,
@@ -94,7 +95,7 @@ async fn console() -> impl IntoResponse {
 
 async fn scrape(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     // Reading every partition's state takes locks briefly: off the workers.
-    let text = tokio::task::spawn_blocking(move || metrics::render(&broker))
+    let text = tokio::task::spawn_blocking(move || scrape::render(&broker))
         .await
         .unwrap_or_else(|e| format!("# the scrape failed: {e}\n"));
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text)
