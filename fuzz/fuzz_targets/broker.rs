@@ -161,12 +161,12 @@ fuzz_target!(|ops: Vec<Op>| {
                         payload: p,
                     })
                     .collect();
-                let (_, appended) = broker
-                    .produce(&ProduceRequest {
+                let appended = rt
+                    .block_on(broker.produce(&ProduceRequest {
                         topic: t,
                         partition: 0,
                         messages,
-                    })
+                    }))
                     .expect("produce");
                 let m = model.entry(t).or_default();
                 for (id, o) in ids.iter().zip(&appended.outcomes) {
