@@ -1,5 +1,5 @@
 //! What the broker counts: counters and latency histograms, registered
-//! for the admin listener's `GET /metrics` (`crate::server::scrape`, which
+//! for the admin listener's `GET /metrics` (`src/server/scrape.rs`, which
 //! adds the gauges it reads from the broker's state).
 //!
 //! Counters and histograms are updated on the request paths (atomics, no

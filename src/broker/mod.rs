@@ -1,7 +1,7 @@
 //! The broker: topics of partitions (one [`Log`] each), consumer groups
 //! with acks, redelivery and dead letters, delayed and half messages. It
-//! knows nothing of sockets or frames: `crate::server` speaks the wire and
-//! calls it.
+//! knows nothing of sockets or frames: the server layer (`src/server/`)
+//! speaks the wire and calls it.
 //!
 //! Data directory:
 //!
@@ -528,13 +528,6 @@ impl Broker {
         req: &body::CreateTopic,
         check: bool,
     ) -> Result<Arc<Topic>, BrokerError> {
-        if let Ok(existing) = self.topic(&req.topic) {
-            // The common case of a dead-letter topic or an auto-created
-            // one: no lock, no files.
-            if req.if_not_exists {
-                return Ok(existing);
-            }
-        }
         if check {
             check_name("topic", &req.topic).map_err(BrokerError::InvalidName)?;
         }
@@ -1058,16 +1051,19 @@ impl Broker {
         dead: Vec<DeadLetter>,
     ) -> Result<(), BrokerError> {
         let dlq_name = format!("{}{DLQ_SUFFIX}", topic.name);
-        let dlq = off_worker(|| {
-            self.create_topic_named(
-                &body::CreateTopic {
-                    topic: dlq_name.clone(),
-                    partitions: 1,
-                    if_not_exists: true,
-                    config: TopicConfig::default(),
-                },
-                false,
-            )
+        // Created by the first dead letter; after that only looked up.
+        let dlq = self.topic(&dlq_name).or_else(|_| {
+            off_worker(|| {
+                self.create_topic_named(
+                    &body::CreateTopic {
+                        topic: dlq_name.clone(),
+                        partitions: 1,
+                        if_not_exists: true,
+                        config: TopicConfig::default(),
+                    },
+                    false,
+                )
+            })
         })?;
         let mut owned = Vec::with_capacity(dead.len());
         for d in &dead {
