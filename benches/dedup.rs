@@ -1,6 +1,8 @@
 //! The dedup window alone: ns per lookup (hit and miss) and per insert, at
 //! windows of 1 M and 10 M ids. `cargo bench --bench dedup`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::time::Duration;
 
 use bida::log::{DedupIndex, DedupWindow, InnerMsgId};

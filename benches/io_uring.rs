@@ -12,6 +12,11 @@
 //! - stream: 1 MiB writes, durable at the end: `pwrite` against io_uring at
 //!   queue depth 32, buffered and `O_DIRECT`.
 
+// Submitting to an io_uring ring is `unsafe` (the buffers must outlive
+// the operation); each block says why it holds.
+#![allow(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -4,6 +4,8 @@
 //! `cargo bench --bench log -- append/async`. Data goes to a temporary
 //! directory under $BIDA_BENCH_DIR (default: the system temp dir).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,8 @@
 //! memcpy bandwidth and sequential write + fdatasync bandwidth.
 //! `cargo bench --bench machine` (also run by scripts/machine-limits.sh).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::io::Write;
 use std::time::Duration;
 

@@ -25,6 +25,8 @@
 //! broker's first check at 6 s): the order of the `die-after-row` run is
 //! then delivered, the one of `die-before-row` never is.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -14,6 +14,8 @@
 //! log's tail is verified at the next open), and checks that the groups'
 //! positions survived.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -1,5 +1,10 @@
 //! The `bida` command line: one subcommand module each under `cli/`.
 
+// The command line is not library code: its `expect`s are on setup a
+// command cannot go on without (a runtime, a bench's own broker), where a
+// panic with the message is the report. The library denies them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 
 use std::process::ExitCode;

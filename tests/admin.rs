@@ -1,6 +1,8 @@
 //! The admin listener of a real `bida serve`: a `/metrics` scrape parsed
 //! and checked against what the test did.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Whole-system tests: real `bida serve` processes on 127.0.0.1, ports they
 //! pick, the Rust client and raw sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

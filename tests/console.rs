@@ -10,6 +10,8 @@
 //! in which case it fails. `BIDA_CONSOLE_SCREENSHOT=PATH` saves a PNG of the
 //! page (docs/console.png is made that way).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::path::Path;

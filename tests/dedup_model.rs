@@ -19,6 +19,8 @@
 //! or past the durable offset is zeroed, as a power cut leaves unflushed
 //! pages of preallocated space.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::path::Path;

@@ -6,6 +6,8 @@
 //! Mounting needs root (CAP_SYS_ADMIN). Without it the test says so and
 //! passes, unless `BIDA_REQUIRE_MOUNT=1` (set by CI), where it fails.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::path::{Path, PathBuf};

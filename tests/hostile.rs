@@ -7,6 +7,8 @@
 //! attack ran), and that a well-behaved client was served meanwhile.
 //! Throughput under attack is measured by scripts/hostile.sh, not here.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::collections::HashSet;

@@ -2,6 +2,8 @@
 //! client agree, new topics use Kafka's murmur2, and a topic created before
 //! murmur2 was the default keeps the hash its producers already use.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! imports from a layer above its own, and the layers below the server know
 //! nothing of sockets. Fails naming the file, the line and the rule.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::path::{Path, PathBuf};
 
 /// The layers, bottom up, and what each may use of the crate.

@@ -2,6 +2,8 @@
 //! retention. Crashes are simulated by dropping a `Log` without `close`
 //! (the next open verifies the tail) or by SIGKILL of a child process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -13,6 +13,8 @@
 //! - the topic never holds an id more often than the broker accepted it as
 //!   new: a retried delayed message fires once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

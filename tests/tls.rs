@@ -3,6 +3,8 @@
 //! and clients that trust another CA are not; the admin listener speaks
 //! HTTPS; a bad certificate file stops `bida serve` at start.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::path::Path;

@@ -1,6 +1,8 @@
 //! `bida torture` in CI: a short crash cycle against a real broker, and
 //! proof that its checker fails when acked data is lost.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 use std::process::Command;
 
 fn torture(dir: &std::path::Path, extra: &[&str]) -> (bool, String) {

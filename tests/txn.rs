@@ -2,6 +2,8 @@
 //! real `bida serve` processes killed with SIGKILL (or aborting at a crash
 //! point) and restarted on the same address.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests and benches fail loudly
+
 mod support;
 
 use std::path::Path;

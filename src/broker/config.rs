@@ -178,69 +178,110 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Why a broker setting is refused. Each names the setting by its config
+/// file key (the `bida serve` flag is the same in kebab case).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key} must be {min}..={max}, got {got}")]
+    OutOfRange {
+        key: &'static str,
+        min: u64,
+        max: u64,
+        got: u64,
+    },
+    #[error("{key} must be one of {allowed:?}, got {got:?}")]
+    UnknownChoice {
+        key: &'static str,
+        allowed: &'static [&'static str],
+        got: String,
+    },
+    #[error("auth_token must be 1 to {TOKEN_BYTES_MAX} visible ASCII characters (no spaces), got {len} bytes")]
+    BadToken { len: usize },
+    #[error("{first} and {second} go together: give both or neither")]
+    Together {
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("admin_listen must be an address or \"off\", got {got:?}: {source}")]
+    BadAddress {
+        got: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("{0}")]
+    File(#[from] toml::de::Error),
+}
+
+fn at_least(key: &'static str, min: u64, got: u64) -> Result<(), ConfigError> {
+    in_range(key, min, u64::MAX, got)
+}
+
+fn in_range(key: &'static str, min: u64, max: u64, got: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&got) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { key, min, max, got })
+    }
+}
+
 impl BrokerConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.default_partitions == 0 || self.default_partitions > PARTITIONS_MAX {
-            return Err(format!("default_partitions must be 1..={PARTITIONS_MAX}"));
-        }
-        if self.max_deliveries == 0 {
-            return Err("max_deliveries must be at least 1".into());
-        }
-        if self.retention_check_interval_ms == 0 {
-            return Err("retention_check_interval_ms must be at least 1".into());
-        }
-        if self.ack_timeout_ms == 0 {
-            return Err("ack_timeout_ms must be at least 1".into());
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        in_range(
+            "default_partitions",
+            1,
+            u64::from(PARTITIONS_MAX),
+            u64::from(self.default_partitions),
+        )?;
+        at_least("max_deliveries", 1, u64::from(self.max_deliveries))?;
+        at_least(
+            "retention_check_interval_ms",
+            1,
+            self.retention_check_interval_ms,
+        )?;
+        at_least("ack_timeout_ms", 1, u64::from(self.ack_timeout_ms))?;
         if let Some(t) = &self.auth_token {
             check_token(t)?;
         }
-        if self.unacked_max == 0 || self.unacked_max > u32::MAX as u64 {
-            return Err("unacked_max must be 1..=4294967295".into());
-        }
+        in_range("unacked_max", 1, u64::from(u32::MAX), self.unacked_max)?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err("tls_cert and tls_key go together: give both or neither".into());
+            return Err(ConfigError::Together {
+                first: "tls_cert",
+                second: "tls_key",
+            });
         }
-        if !(64 << 10..=FRAME_BYTES_MAX as u32).contains(&self.frame_bytes_max) {
-            return Err(format!(
-                "frame_bytes_max must be 65536..={FRAME_BYTES_MAX}, got {}",
-                self.frame_bytes_max
-            ));
-        }
-        if self.frame_timeout_ms == 0 {
-            return Err("frame_timeout_ms must be at least 1".into());
-        }
-        if self.frame_memory_max < FRAME_BYTES_MAX as u64 {
-            return Err(format!(
-                "frame_memory_max must be at least the frame size limit, {FRAME_BYTES_MAX}"
-            ));
-        }
-        if self.max_connections == 0 || self.inflight_max == 0 {
-            return Err("max_connections and inflight_max must be at least 1".into());
-        }
-        if self.txn_check_interval_ms == 0 || self.txn_check_max == 0 || self.txn_open_max == 0 {
-            return Err(
-                "txn_check_interval_ms, txn_check_max and txn_open_max must be at least 1".into(),
-            );
-        }
+        in_range(
+            "frame_bytes_max",
+            64 << 10,
+            FRAME_BYTES_MAX as u64,
+            u64::from(self.frame_bytes_max),
+        )?;
+        at_least("frame_timeout_ms", 1, self.frame_timeout_ms)?;
+        at_least(
+            "frame_memory_max",
+            FRAME_BYTES_MAX as u64,
+            self.frame_memory_max,
+        )?;
+        at_least("max_connections", 1, self.max_connections as u64)?;
+        at_least("inflight_max", 1, self.inflight_max as u64)?;
+        at_least("txn_check_interval_ms", 1, self.txn_check_interval_ms)?;
+        at_least("txn_check_max", 1, u64::from(self.txn_check_max))?;
+        at_least("txn_open_max", 1, self.txn_open_max as u64)?;
         if let Backoff::Exponential {
             base_ms,
             max_ms,
             factor_percent,
         } = self.backoff
         {
-            if factor_percent < 100 || max_ms < base_ms {
-                return Err(
-                    "exponential backoff needs factor_percent >= 100 and max_ms >= base_ms".into(),
-                );
-            }
+            at_least("backoff.factor_percent", 100, u64::from(factor_percent))?;
+            // max_ms >= base_ms
+            at_least("backoff.max_ms", u64::from(base_ms), u64::from(max_ms))?;
         }
         Ok(())
     }
 
     /// Applies the settings of a TOML config file.
-    pub fn apply_file(&mut self, text: &str) -> Result<(), String> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn apply_file(&mut self, text: &str) -> Result<(), ConfigError> {
+        let f: FileConfig = toml::from_str(text)?;
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = f.$field { self.$field = v; })* };
         }
@@ -309,9 +350,11 @@ impl BrokerConfig {
                     factor_percent: b.factor_percent.unwrap_or(200),
                 },
                 k => {
-                    return Err(format!(
-                        "backoff.kind must be fixed or exponential, got {k:?}"
-                    ))
+                    return Err(ConfigError::UnknownChoice {
+                        key: "backoff.kind",
+                        allowed: &["fixed", "exponential"],
+                        got: k.to_owned(),
+                    })
                 }
             };
         }
@@ -325,14 +368,18 @@ pub fn parse_flush(
     mode: &str,
     interval_ms: Option<u64>,
     bytes: Option<u64>,
-) -> Result<FlushMode, String> {
+) -> Result<FlushMode, ConfigError> {
     match mode {
         "sync" => Ok(FlushMode::Sync),
         "async" => Ok(FlushMode::Async {
             interval_ms: interval_ms.unwrap_or(100),
             bytes: bytes.unwrap_or(16 << 20),
         }),
-        other => Err(format!("flush must be sync or async, got {other:?}")),
+        other => Err(ConfigError::UnknownChoice {
+            key: "flush",
+            allowed: &["sync", "async"],
+            got: other.to_owned(),
+        }),
     }
 }
 
@@ -341,11 +388,9 @@ pub const TOKEN_BYTES_MAX: usize = 256;
 
 /// A token is 1..=256 visible ASCII characters (it travels in an HTTP
 /// header and in HELLO).
-pub fn check_token(t: &str) -> Result<(), String> {
+pub fn check_token(t: &str) -> Result<(), ConfigError> {
     if t.is_empty() || t.len() > TOKEN_BYTES_MAX || !t.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "auth_token must be 1 to {TOKEN_BYTES_MAX} visible ASCII characters (no spaces)"
-        ));
+        return Err(ConfigError::BadToken { len: t.len() });
     }
     Ok(())
 }
@@ -356,34 +401,42 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// An address, or `off`.
-pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if s == "off" {
         return Ok(None);
     }
     s.parse()
         .map(Some)
-        .map_err(|e| format!("admin_listen must be an address or \"off\", got {s:?}: {e}"))
+        .map_err(|source| ConfigError::BadAddress {
+            got: s.to_owned(),
+            source,
+        })
 }
 
-/// `auto`, `pwrite` or `mmap`.
-pub fn parse_preallocate(s: &str) -> Result<Preallocate, String> {
+/// `fallocate` or `zeroes`.
+pub fn parse_preallocate(s: &str) -> Result<Preallocate, ConfigError> {
     match s {
         "fallocate" => Ok(Preallocate::Fallocate),
         "zeroes" => Ok(Preallocate::Zeroes),
-        other => Err(format!(
-            "preallocate must be fallocate or zeroes, got {other:?}"
-        )),
+        other => Err(ConfigError::UnknownChoice {
+            key: "preallocate",
+            allowed: &["fallocate", "zeroes"],
+            got: other.to_owned(),
+        }),
     }
 }
 
-pub fn parse_write_path(s: &str) -> Result<WritePath, String> {
+/// `auto`, `pwrite` or `mmap`.
+pub fn parse_write_path(s: &str) -> Result<WritePath, ConfigError> {
     match s {
         "auto" => Ok(WritePath::Auto),
         "pwrite" => Ok(WritePath::Pwrite),
         "mmap" => Ok(WritePath::Mmap),
-        other => Err(format!(
-            "write_path must be auto, pwrite or mmap, got {other:?}"
-        )),
+        other => Err(ConfigError::UnknownChoice {
+            key: "write_path",
+            allowed: &["auto", "pwrite", "mmap"],
+            got: other.to_owned(),
+        }),
     }
 }
 
@@ -504,19 +557,23 @@ mod tests {
     fn bad_values_name_their_key() {
         let err = BrokerConfig::default()
             .apply_file("max_deliveries = \"many\"")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_deliveries"), "{err}");
         let err = BrokerConfig::default()
             .apply_file("colour = 1")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("colour"), "{err}");
         let err = BrokerConfig::default()
             .apply_file("admin_listen = \"nowhere\"")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("admin_listen"), "{err}");
         let err = BrokerConfig::default()
             .apply_file("auth_token = \"two words\"")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("auth_token"), "{err}");
         let mut c = BrokerConfig::default();
         c.apply_file("auth_token = \"s3cret\"").unwrap();

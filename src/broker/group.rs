@@ -229,7 +229,12 @@ impl GroupPartitionState {
         delay_ms: Option<u64>,
         policy: &Policy,
     ) -> Option<DeadLetter> {
-        let slot = self.slot(offset).expect("slot of a failed delivery");
+        let Some(slot) = self.slot(offset) else {
+            // Only a delivered offset fails, and a delivered offset has a
+            // slot until it is acked: nothing to record.
+            tracing::warn!(offset, "a failed delivery of an offset with no slot");
+            return None;
+        };
         if attempt >= policy.max_deliveries {
             *slot = Slot::Dead;
             return Some(DeadLetter {

@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 use crate::log::record::{InnerMsgId, Message};
 use crate::log::{FlushMode, Log, Options, StorageError};
 use crate::protocol::body::{GROUP_NAME_MAX, TOPIC_NAME_MAX};
-use crate::protocol::{Put, Reader, WireError};
+use crate::protocol::{Problem, Put, Reader, WireError};
 
 const KIND_JOIN: u8 = 1;
 const KIND_ACKS: u8 = 2;
@@ -271,9 +271,19 @@ fn apply(state: &mut HashMap<GroupKey, StoredGroup>, payload: &[u8]) -> Result<(
             }
         }
         k => {
-            return Err(WireError::Malformed(format!(
-                "unknown group entry kind {k}"
-            )))
+            return Err(WireError::Malformed {
+                field: "group entry kind",
+                offset: 0,
+                problem: Problem::NotOneOf {
+                    expected: &[
+                        KIND_JOIN as u64,
+                        KIND_ACKS as u64,
+                        KIND_SNAPSHOT as u64,
+                        KIND_DELAYS as u64,
+                    ],
+                    found: u64::from(k),
+                },
+            })
         }
     }
     r.finish()

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Notify;
 
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, ConfigError};
 use group::{DeadLetter, GroupPartitionState, Policy};
 use group_store::{Collector, Entry, GroupKey, GroupStore, StoredGroup};
 use metrics::BrokerMetrics;
@@ -45,9 +45,9 @@ use schedule::Schedule;
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
 use crate::log::{AppendOutcome, Appended, FlushMode, Log, Options, StorageError};
 use crate::protocol::body::{
-    self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, PartitionInfo,
-    ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION, NACK_DEFAULT_DELAY,
-    PARTITIONS_MAX,
+    self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, NameError,
+    PartitionInfo, ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION,
+    NACK_DEFAULT_DELAY, PARTITIONS_MAX,
 };
 use crate::protocol::txn::{Decision, DelayedRequest, EndReply, HalfRequest, Placed};
 use crate::protocol::{ErrorCode, KeyHash};
@@ -72,7 +72,9 @@ pub enum BrokerError {
     #[error("topic {0:?} exists already")]
     TopicExists(String),
     #[error("invalid name: {0}")]
-    InvalidName(String),
+    InvalidName(#[from] NameError),
+    #[error("invalid broker config: {0}")]
+    Config(#[from] ConfigError),
     #[error("topic {topic:?} has {partitions} partitions; there is no partition {partition}")]
     UnknownPartition {
         topic: String,
@@ -117,7 +119,7 @@ impl BrokerError {
             BrokerError::TopicExists(_) => ErrorCode::TopicExists,
             BrokerError::InvalidName(_) => ErrorCode::InvalidTopicName,
             BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
-            BrokerError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            BrokerError::InvalidRequest(_) | BrokerError::Config(_) => ErrorCode::InvalidRequest,
             BrokerError::InvalidMessage(_) => ErrorCode::InvalidMessage,
             BrokerError::UnknownSubscription(_) => ErrorCode::UnknownSubscription,
             BrokerError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
@@ -323,7 +325,7 @@ impl Broker {
     /// Opens every topic under `config.data_dir` (creating the directory),
     /// recovering each log, and restores every group's position.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
-        config.validate().map_err(BrokerError::InvalidRequest)?;
+        config.validate()?;
         let topics_dir = config.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let topics: Topics = Arc::default();
@@ -430,7 +432,8 @@ impl Broker {
             Some(meta) => {
                 fs::create_dir_all(&dir).map_err(io_err(&dir))?;
                 let tmp = dir.join("topic.json.tmp");
-                let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+                let json = serde_json::to_vec_pretty(&meta)
+                    .map_err(|e| io_err(&tmp)(std::io::Error::from(e)))?;
                 fs::write(&tmp, json).map_err(io_err(&tmp))?;
                 fs::File::open(&tmp)
                     .and_then(|f| f.sync_all())

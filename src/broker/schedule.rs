@@ -32,6 +32,7 @@
 //! are deleted.
 
 use std::cmp::Reverse;
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -197,7 +198,7 @@ fn decode(payload: &[u8]) -> Result<Entry<'_>, String> {
         }
         KIND_DECISION => {
             let txn_id = r.u128().map_err(e)?;
-            let state = TxnState::from_u8(r.u8().map_err(e)?).map_err(e)?;
+            let state = TxnState::decode(&mut r).map_err(e)?;
             let by = r.u8().map_err(e)?;
             r.finish().map_err(e)?;
             Entry::Decision { txn_id, state, by }
@@ -401,7 +402,11 @@ impl Schedule {
     /// Starts the scheduler thread (delayed messages, check-backs,
     /// finishing decided transactions).
     pub fn start(self: &Arc<Self>, broker: Weak<Broker>) -> std::io::Result<()> {
-        let rx = lock(&self.wake_rx).take().expect("started once");
+        let Some(rx) = lock(&self.wake_rx).take() else {
+            return Err(std::io::Error::other(
+                "the scheduler thread is already started",
+            ));
+        };
         let me = Arc::clone(self);
         let handle = std::thread::Builder::new()
             .name("bida-schedule".into())
@@ -737,8 +742,7 @@ impl Schedule {
                     })
                 }
             };
-            if run_target.is_some_and(|t| t != (topic, partition)) {
-                let (t, p) = run_target.expect("checked");
+            if let Some((t, p)) = run_target.filter(|&t| t != (topic, partition)) {
                 placed.extend(broker.append_stored(t, p, &run)?);
                 run.clear();
             }
@@ -822,9 +826,9 @@ impl Schedule {
             let mut s = self.lock();
             let mut due = Vec::new();
             while due.len() < FIRE_BATCH {
-                match s.timers.peek() {
-                    Some(Reverse((d, _))) if *d <= now => {
-                        let Reverse((_, o)) = s.timers.pop().expect("peeked");
+                match s.timers.peek_mut() {
+                    Some(top) if top.0 .0 <= now => {
+                        let Reverse((_, o)) = PeekMut::pop(top);
                         due.push(o);
                     }
                     _ => break,

@@ -166,7 +166,8 @@ impl Args {
             c.listen = v;
         }
         if let Some(v) = &self.admin_listen {
-            c.admin_listen = bida::broker::config::parse_admin_listen(v)?;
+            c.admin_listen =
+                bida::broker::config::parse_admin_listen(v).map_err(|e| e.to_string())?;
         }
         if let Some(v) = &self.auth_token {
             c.auth_token = (!v.is_empty()).then(|| v.clone());
@@ -180,7 +181,8 @@ impl Args {
                 FlushArg::Sync => "sync",
                 FlushArg::Async => "async",
             };
-            c.flush = parse_flush(mode, self.flush_interval_ms, self.flush_bytes)?;
+            c.flush = parse_flush(mode, self.flush_interval_ms, self.flush_bytes)
+                .map_err(|e| e.to_string())?;
         }
         if let Some(p) = self.preallocate {
             c.preallocate = match p {
@@ -229,7 +231,7 @@ impl Args {
         if let Some(v) = self.retention_bytes {
             c.retention_bytes = (v > 0).then_some(v);
         }
-        c.validate()?;
+        c.validate().map_err(|e| e.to_string())?;
         Ok(c)
     }
 }

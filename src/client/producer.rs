@@ -558,18 +558,18 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Command>) {
     let linger = shared.options.linger;
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
-        let cmd = if batches.is_empty() {
-            match rx.recv().await {
+        // With no batch open, wait for a command; else until the oldest
+        // batch's linger ends.
+        let cmd = match batches.values().map(|b| b.started).min() {
+            None => match rx.recv().await {
                 Some(c) => Some(c),
                 None => break,
-            }
-        } else {
-            let oldest = batches.values().map(|b| b.started).min().expect("a batch");
-            match tokio::time::timeout_at(oldest + linger, rx.recv()).await {
+            },
+            Some(oldest) => match tokio::time::timeout_at(oldest + linger, rx.recv()).await {
                 Ok(Some(c)) => Some(c),
                 Ok(None) => break,
                 Err(_) => None,
-            }
+            },
         };
         let mut ready: Vec<Batch> = Vec::new();
         match cmd {

@@ -216,7 +216,8 @@ impl TransactionalProducer {
         group: &str,
         checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
     ) -> Result<TransactionalProducer, ClientError> {
-        crate::protocol::body::check_name("group", group).map_err(ClientError::Invalid)?;
+        crate::protocol::body::check_name("group", group)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
         let checker: Checker = Arc::new(checker);
         // Registered before returning, so a check can reach us at once.
         let first = client

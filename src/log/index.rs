@@ -142,9 +142,23 @@ impl SegmentIndex {
 
     /// Decodes both files, checking every entry against the segment length
     /// and ordering. Errors say what is wrong; the caller rebuilds.
-    pub fn decode(offset_file: &[u8], time_file: &[u8], segment_len: u64) -> Result<Self, String> {
-        let offset_body = unframe(OFFSET_INDEX_MAGIC, offset_file, OFFSET_ENTRY_LEN)?;
-        let time_body = unframe(TIME_INDEX_MAGIC, time_file, TIME_ENTRY_LEN)?;
+    pub fn decode(
+        offset_file: &[u8],
+        time_file: &[u8],
+        segment_len: u64,
+    ) -> Result<Self, IndexError> {
+        let offset_body = unframe(
+            IndexFile::Offsets,
+            OFFSET_INDEX_MAGIC,
+            offset_file,
+            OFFSET_ENTRY_LEN,
+        )?;
+        let time_body = unframe(
+            IndexFile::Times,
+            TIME_INDEX_MAGIC,
+            time_file,
+            TIME_ENTRY_LEN,
+        )?;
         let mut index = SegmentIndex::new();
         for chunk in offset_body.chunks_exact(OFFSET_ENTRY_LEN) {
             let e = OffsetEntry {
@@ -153,13 +167,19 @@ impl SegmentIndex {
             };
             if let Some(prev) = index.offsets.last() {
                 if e.rel_offset <= prev.rel_offset || e.position <= prev.position {
-                    return Err(format!("offset index entries out of order at {e:?}"));
+                    return Err(IndexError::OutOfOrder {
+                        file: IndexFile::Offsets,
+                        entry: index.offsets.len(),
+                    });
                 }
             }
             if e.position as u64 >= segment_len {
-                return Err(format!(
-                    "offset index entry {e:?} past the segment end {segment_len}"
-                ));
+                return Err(IndexError::PastSegmentEnd {
+                    file: IndexFile::Offsets,
+                    entry: index.offsets.len(),
+                    position: e.position,
+                    segment_len,
+                });
             }
             index.offsets.push(e);
         }
@@ -173,18 +193,24 @@ impl SegmentIndex {
             };
             if let Some(prev) = index.times.last() {
                 if e.timestamp_ms <= prev.timestamp_ms || e.position <= prev.position {
-                    return Err(format!("time index entries out of order at {e:?}"));
+                    return Err(IndexError::OutOfOrder {
+                        file: IndexFile::Times,
+                        entry: index.times.len(),
+                    });
                 }
             }
             if e.position as u64 >= segment_len {
-                return Err(format!(
-                    "time index entry {e:?} past the segment end {segment_len}"
-                ));
+                return Err(IndexError::PastSegmentEnd {
+                    file: IndexFile::Times,
+                    entry: index.times.len(),
+                    position: e.position,
+                    segment_len,
+                });
             }
             index.times.push(e);
         }
         if segment_len > 0 && index.offsets.first().is_none_or(|e| e.position != 0) {
-            return Err("offset index does not start at the first record".into());
+            return Err(IndexError::MissesFirstRecord);
         }
         Ok(index)
     }
@@ -199,32 +225,95 @@ fn frame(magic: &[u8; 8], count: usize, body: Vec<u8>) -> Vec<u8> {
     out
 }
 
-fn unframe<'a>(magic: &[u8; 8], file: &'a [u8], entry_len: usize) -> Result<&'a [u8], String> {
+fn unframe<'a>(
+    which: IndexFile,
+    magic: &[u8; 8],
+    file: &'a [u8],
+    entry_len: usize,
+) -> Result<&'a [u8], IndexError> {
     let (Some(head), Some(body)) = (file.get(..INDEX_HEADER_LEN), file.get(INDEX_HEADER_LEN..))
     else {
-        return Err(format!(
-            "index file of {} bytes is shorter than its header",
-            file.len()
-        ));
+        return Err(IndexError::Short {
+            file: which,
+            len: file.len(),
+        });
     };
     if &head[0..8] != magic {
-        return Err("index file has the wrong magic".into());
+        return Err(IndexError::WrongMagic { file: which });
     }
     let count = le_u32(&head[8..12]) as usize;
     if body.len() != count.saturating_mul(entry_len) {
-        return Err(format!(
-            "index file claims {count} entries but holds {} bytes",
-            body.len()
-        ));
+        return Err(IndexError::WrongCount {
+            file: which,
+            count,
+            body_len: body.len(),
+        });
     }
     let stored = le_u32(&head[12..16]);
     let computed = crc32fast::hash(body);
     if stored != computed {
-        return Err(format!(
-            "index checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
-        ));
+        return Err(IndexError::Checksum {
+            file: which,
+            stored,
+            computed,
+        });
     }
     Ok(body)
+}
+
+/// Which of a segment's two index files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexFile {
+    Offsets,
+    Times,
+}
+
+impl std::fmt::Display for IndexFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IndexFile::Offsets => "offset index",
+            IndexFile::Times => "time index",
+        })
+    }
+}
+
+/// Why a segment's index files are not used (the caller rebuilds them
+/// from the records).
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("cannot read the {file}: {source}")]
+    Read {
+        file: IndexFile,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file} of {len} bytes is shorter than its header")]
+    Short { file: IndexFile, len: usize },
+    #[error("{file} has the wrong magic")]
+    WrongMagic { file: IndexFile },
+    #[error("{file} claims {count} entries but holds {body_len} bytes")]
+    WrongCount {
+        file: IndexFile,
+        count: usize,
+        body_len: usize,
+    },
+    #[error("{file} checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum {
+        file: IndexFile,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("{file} entry {entry} is not after the one before it")]
+    OutOfOrder { file: IndexFile, entry: usize },
+    #[error("{file} entry {entry} points at byte {position}, past the segment end {segment_len}")]
+    PastSegmentEnd {
+        file: IndexFile,
+        entry: usize,
+        position: u32,
+        segment_len: u64,
+    },
+    #[error("offset index does not start at the first record")]
+    MissesFirstRecord,
 }
 
 fn le_u32(b: &[u8]) -> u32 {

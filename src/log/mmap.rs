@@ -24,6 +24,11 @@
 //!
 //! It also holds [`prefetch`], the one other memory hint the engine uses.
 
+// The one module allowed `unsafe`: mapping a file and reading and writing
+// through the mapping cannot be expressed in safe Rust. Every block says
+// why it is sound (`// SAFETY:`).
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io;
 use std::ops::Range;

@@ -315,11 +315,7 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, RecordError> {
         offset,
         durable_watermark: offset.saturating_sub(u64::from(get_u32(rec, DURABLE_LAG_OFFSET))),
         timestamp_ms: get_u64(rec, TIMESTAMP_OFFSET),
-        id: InnerMsgId(u128::from_le_bytes(
-            rec[ID_OFFSET..ID_OFFSET + 16]
-                .try_into()
-                .expect("16-byte slice of a checked record"),
-        )),
+        id: InnerMsgId(get_u128(rec, ID_OFFSET)),
         key: has_key.then(|| &rec[key_range.clone()]),
         headers: &rec[headers_range.clone()],
         payload: &rec[payload_range.clone()],
@@ -508,6 +504,12 @@ fn get_u64(buf: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&buf[at..at + 8]);
     u64::from_le_bytes(b)
+}
+
+fn get_u128(buf: &[u8], at: usize) -> u128 {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&buf[at..at + 16]);
+    u128::from_le_bytes(b)
 }
 
 #[cfg(test)]

@@ -49,15 +49,12 @@ impl Checkpoint {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         if bytes.len() != CHECKPOINT_LEN {
-            return Err(format!(
-                "checkpoint is {} bytes, expected {CHECKPOINT_LEN}",
-                bytes.len()
-            ));
+            return Err(CheckpointError::Length { len: bytes.len() });
         }
         if &bytes[..8] != CHECKPOINT_MAGIC {
-            return Err("checkpoint has the wrong magic".into());
+            return Err(CheckpointError::WrongMagic);
         }
         let crc = u32::from_le_bytes([
             bytes[CHECKPOINT_CRC],
@@ -66,7 +63,7 @@ impl Checkpoint {
             bytes[CHECKPOINT_CRC + 3],
         ]);
         if crc != crc32fast::hash(&bytes[..CHECKPOINT_CRC]) {
-            return Err("checkpoint checksum mismatch".into());
+            return Err(CheckpointError::Checksum);
         }
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];
@@ -75,13 +72,26 @@ impl Checkpoint {
         };
         let flags = u64_at(CHECKPOINT_FLAGS);
         if flags & !FLAG_CLEAN != 0 {
-            return Err(format!("checkpoint has unknown flags {flags:#x}"));
+            return Err(CheckpointError::UnknownFlags { flags });
         }
         Ok(Checkpoint {
             durable_offset: u64_at(CHECKPOINT_DURABLE_OFFSET),
             clean: flags & FLAG_CLEAN != 0,
         })
     }
+}
+
+/// Why a checkpoint file is not used (recovery then scans every record).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint is {len} bytes, expected {CHECKPOINT_LEN}")]
+    Length { len: usize },
+    #[error("checkpoint has the wrong magic")]
+    WrongMagic,
+    #[error("checkpoint checksum mismatch")]
+    Checksum,
+    #[error("checkpoint has unknown flags {flags:#x}")]
+    UnknownFlags { flags: u64 },
 }
 
 /// What a scan of one segment found.

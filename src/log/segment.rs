@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 use super::error::{Result, StorageError};
-use super::index::{OffsetEntry, SegmentIndex};
+use super::index::{IndexError, IndexFile, OffsetEntry, SegmentIndex};
 use super::mmap::{prefetch, MapWriter, SegmentMap};
 use super::options::WritePath;
 use super::record;
@@ -644,10 +644,16 @@ fn load_index(
     dir: &Path,
     base_offset: u64,
     segment_len: u64,
-) -> std::result::Result<SegmentIndex, String> {
-    let read =
-        |suffix| fs::read(dir.join(file_name(base_offset, suffix))).map_err(|e| e.to_string());
-    SegmentIndex::decode(&read(INDEX_SUFFIX)?, &read(TIME_INDEX_SUFFIX)?, segment_len)
+) -> std::result::Result<SegmentIndex, IndexError> {
+    let read = |file, suffix| {
+        fs::read(dir.join(file_name(base_offset, suffix)))
+            .map_err(|source| IndexError::Read { file, source })
+    };
+    SegmentIndex::decode(
+        &read(IndexFile::Offsets, INDEX_SUFFIX)?,
+        &read(IndexFile::Times, TIME_INDEX_SUFFIX)?,
+        segment_len,
+    )
 }
 
 /// The seal's writes: both index files, then the segment cut to `end`

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{ErrorCode, KeyHash, Put, Reader, WireError};
+use super::{ErrorCode, KeyHash, Problem, Put, Reader, WireError};
 use crate::log::record::{InnerMsgId, Message};
 
 /// Longest topic name, in bytes.
@@ -231,22 +231,52 @@ impl TopicConfig {
         // config has exactly one encoding.
         let backoff = match kind {
             0 if (base_ms, max_ms, factor_percent) == (0, 0, 0) => None,
-            1 if max_ms == base_ms && factor_percent == 100 => Some(Backoff::Fixed { delay_ms: base_ms }),
-            0 | 1 => {
+            1 if max_ms == base_ms && factor_percent == 100 => {
+                Some(Backoff::Fixed { delay_ms: base_ms })
+            }
+            0 => {
+                // No backoff: every parameter is 0.
+                let (field, found) = if base_ms != 0 {
+                    ("backoff base_ms", u64::from(base_ms))
+                } else if max_ms != 0 {
+                    ("backoff max_ms", u64::from(max_ms))
+                } else {
+                    ("backoff factor_percent", u64::from(factor_percent))
+                };
                 return Err(WireError::InvalidValue {
-                    field: "backoff",
-                    reason: format!(
-                        "kind {kind} with base_ms {base_ms}, max_ms {max_ms}, factor_percent {factor_percent}"
-                    ),
-                })
+                    field,
+                    problem: Problem::NotEqual { expected: 0, found },
+                });
+            }
+            1 => {
+                // Fixed: max_ms = base_ms and factor_percent = 100.
+                let (field, expected, found) = if max_ms != base_ms {
+                    ("backoff max_ms", u64::from(base_ms), u64::from(max_ms))
+                } else {
+                    ("backoff factor_percent", 100, u64::from(factor_percent))
+                };
+                return Err(WireError::InvalidValue {
+                    field,
+                    problem: Problem::NotEqual { expected, found },
+                });
             }
             2 => {
-                if factor_percent < 100 || max_ms < base_ms {
+                if factor_percent < 100 {
                     return Err(WireError::InvalidValue {
-                        field: "backoff",
-                        reason: format!(
-                            "exponential backoff needs factor_percent >= 100 and max_ms >= base_ms, got {factor_percent} and {max_ms} < {base_ms}"
-                        ),
+                        field: "backoff factor_percent",
+                        problem: Problem::BelowMin {
+                            min: 100,
+                            found: u64::from(factor_percent),
+                        },
+                    });
+                }
+                if max_ms < base_ms {
+                    return Err(WireError::InvalidValue {
+                        field: "backoff max_ms",
+                        problem: Problem::BelowMin {
+                            min: u64::from(base_ms),
+                            found: u64::from(max_ms),
+                        },
                     });
                 }
                 Some(Backoff::Exponential {
@@ -257,8 +287,11 @@ impl TopicConfig {
             }
             k => {
                 return Err(WireError::InvalidValue {
-                    field: "backoff",
-                    reason: format!("unknown kind {k}"),
+                    field: "backoff kind",
+                    problem: Problem::NotOneOf {
+                        expected: &[0, 1, 2],
+                        found: u64::from(k),
+                    },
                 })
             }
         };
@@ -297,7 +330,10 @@ impl CreateTopic {
                 v => {
                     return Err(WireError::InvalidValue {
                         field: "if_not_exists",
-                        reason: format!("must be 0 or 1, got {v}"),
+                        problem: Problem::NotOneOf {
+                            expected: &[0, 1],
+                            found: u64::from(v),
+                        },
                     })
                 }
             },
@@ -330,9 +366,12 @@ impl TopicSummary {
         let partitions = r.u32()?;
         let config = TopicConfig::decode(r)?;
         let byte = r.u8()?;
-        let key_hash = KeyHash::from_wire(byte).ok_or_else(|| WireError::InvalidValue {
+        let key_hash = KeyHash::from_wire(byte).ok_or(WireError::InvalidValue {
             field: "key_hash",
-            reason: format!("{byte} is not a known key hash"),
+            problem: Problem::NotOneOf {
+                expected: &[0, 1],
+                found: u64::from(byte),
+            },
         })?;
         Ok(TopicSummary {
             topic,
@@ -530,8 +569,11 @@ pub fn encode_produce(topic: &str, partition: u32, messages: &[OutMessage], out:
     }
 }
 
-/// One message of a PRODUCE body. Panics on a key over 65535 bytes or
-/// headers/payload over 4 GiB: the client checks sizes first.
+/// One message of a PRODUCE body.
+///
+/// # Panics
+/// On a key over 65535 bytes or headers/payload over 4 GiB: the client
+/// checks sizes first.
 pub fn encode_produce_message(
     id: InnerMsgId,
     key: Option<&[u8]>,
@@ -542,11 +584,14 @@ pub fn encode_produce_message(
     out.put_u8(if key.is_some() { MESSAGE_HAS_KEY } else { 0 });
     out.put_u128(id.0);
     let key = key.unwrap_or(&[]);
-    out.put_u16(u16::try_from(key.len()).expect("key over 65535 bytes"));
+    assert!(key.len() <= usize::from(u16::MAX), "key over 65535 bytes");
+    assert!(u32::try_from(headers.len()).is_ok(), "headers over 4 GiB");
+    assert!(u32::try_from(payload.len()).is_ok(), "payload over 4 GiB");
+    out.put_u16(key.len() as u16);
     out.put_bytes(key);
-    out.put_u32(u32::try_from(headers.len()).expect("headers over 4 GiB"));
+    out.put_u32(headers.len() as u32);
     out.put_bytes(headers);
-    out.put_u32(u32::try_from(payload.len()).expect("payload over 4 GiB"));
+    out.put_u32(payload.len() as u32);
     out.put_bytes(payload);
 }
 
@@ -579,19 +624,32 @@ pub fn decode_messages<'a>(r: &mut Reader<'a>) -> Result<Vec<Message<'a>>, WireE
     let n = r.count("messages", PRODUCE_MESSAGES_MAX, PRODUCE_MESSAGE_MIN)?;
     let mut messages = Vec::with_capacity(n);
     for _ in 0..n {
+        let flags_at = r.position();
         let flags = r.u8()?;
         if flags & !MESSAGE_HAS_KEY != 0 {
-            return Err(WireError::Malformed(format!(
-                "unknown message flags {flags:#04x}"
-            )));
+            return Err(WireError::Malformed {
+                field: "message flags",
+                offset: flags_at,
+                problem: Problem::UnknownBits {
+                    known: u64::from(MESSAGE_HAS_KEY),
+                    found: u64::from(flags),
+                },
+            });
         }
         let id = InnerMsgId(r.u128()?);
+        let key_len_at = r.position();
         let key_len = r.u16()? as usize;
         let key = r.bytes(key_len)?;
         if flags & MESSAGE_HAS_KEY == 0 && key_len != 0 {
-            return Err(WireError::Malformed(
-                "key bytes without the key flag".into(),
-            ));
+            // Key bytes without the key flag.
+            return Err(WireError::Malformed {
+                field: "key_len",
+                offset: key_len_at,
+                problem: Problem::NotEqual {
+                    expected: 0,
+                    found: key_len as u64,
+                },
+            });
         }
         let headers_len = r.u32()? as usize;
         let headers = r.bytes(headers_len)?;
@@ -907,32 +965,56 @@ pub fn decode_u32(body: &[u8]) -> Result<u32, WireError> {
     Ok(v)
 }
 
+/// Why a topic or group name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} name must be 1..={max} bytes, got {len}")]
+    Length {
+        what: &'static str,
+        max: usize,
+        len: usize,
+    },
+    #[error("{what} name {name:?} may not start with '_' or '.'")]
+    Reserved { what: &'static str, name: String },
+    #[error("{what} name {name:?} contains {found:?}; allowed: A-Z a-z 0-9 . _ -")]
+    Character {
+        what: &'static str,
+        name: String,
+        found: char,
+    },
+}
+
 /// Topic and group names: 1..=200 bytes of `[A-Za-z0-9._-]`, not starting
-/// with `_` or `.` (reserved for the broker).
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+/// with `_` or `.` (reserved for the broker). `what` is `"topic"` or
+/// `"group"`.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), NameError> {
     let max = if what == "group" {
         GROUP_NAME_MAX
     } else {
         TOPIC_NAME_MAX
     };
     if name.is_empty() || name.len() > max {
-        return Err(format!(
-            "{what} name must be 1..={max} bytes, got {}",
-            name.len()
-        ));
+        return Err(NameError::Length {
+            what,
+            max,
+            len: name.len(),
+        });
     }
     if name.starts_with(['_', '.']) {
-        return Err(format!(
-            "{what} name {name:?} may not start with '_' or '.'"
-        ));
+        return Err(NameError::Reserved {
+            what,
+            name: name.to_owned(),
+        });
     }
-    if let Some(c) = name
+    if let Some(found) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "{what} name {name:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ -"
-        ));
+        return Err(NameError::Character {
+            what,
+            name: name.to_owned(),
+            found,
+        });
     }
     Ok(())
 }

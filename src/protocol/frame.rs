@@ -20,7 +20,7 @@
 //!
 //! All integers are little-endian.
 
-use super::WireError;
+use super::{Problem, WireError};
 
 /// Bytes before the body, length field included.
 pub const FRAME_HEADER_LEN: usize = 20;
@@ -125,18 +125,23 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<FrameHeader>, WireError> {
 /// As [`decode_header`], with a lower frame limit `max` (a broker's
 /// `frame_bytes_max`; at most `FRAME_BYTES_MAX`).
 pub fn decode_header_within(buf: &[u8], max: usize) -> Result<Option<FrameHeader>, WireError> {
-    let Some(len_bytes) = buf.get(..LENGTH_LEN) else {
+    let Some(&[l0, l1, l2, l3]) = buf.get(..LENGTH_LEN) else {
         return Ok(None);
     };
-    let length = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+    let length = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
     let max = max.min(FRAME_BYTES_MAX);
     if length > max {
         return Err(WireError::FrameTooLarge { length, max });
     }
     if length < FRAME_HEADER_LEN - LENGTH_LEN {
-        return Err(WireError::Malformed(format!(
-            "frame length {length} is shorter than the 16-byte header"
-        )));
+        return Err(WireError::Malformed {
+            field: "length",
+            offset: 0,
+            problem: Problem::BelowMin {
+                min: (FRAME_HEADER_LEN - LENGTH_LEN) as u64,
+                found: length as u64,
+            },
+        });
     }
     let Some(h) = buf.get(..FRAME_HEADER_LEN) else {
         return Ok(None);
@@ -144,9 +149,14 @@ pub fn decode_header_within(buf: &[u8], max: usize) -> Result<Option<FrameHeader
     let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
     let magic = u16_at(MAGIC_OFFSET);
     if magic != MAGIC {
-        return Err(WireError::Malformed(format!(
-            "bad magic {magic:#06x}, expected {MAGIC:#06x}"
-        )));
+        return Err(WireError::Malformed {
+            field: "magic",
+            offset: MAGIC_OFFSET,
+            problem: Problem::NotMagic {
+                expected: u64::from(MAGIC),
+                found: u64::from(magic),
+            },
+        });
     }
     let version = h[VERSION_OFFSET];
     if version != VERSION {
@@ -155,16 +165,30 @@ pub fn decode_header_within(buf: &[u8], max: usize) -> Result<Option<FrameHeader
     let op = h[OPCODE_OFFSET];
     let opcode = Opcode::from_u8(op).ok_or(WireError::UnknownOpcode(op))?;
     let flags = u16_at(FLAGS_OFFSET);
-    if flags & !FLAGS_KNOWN != 0 || u16_at(RESERVED_OFFSET) != 0 {
-        return Err(WireError::Malformed(format!(
-            "unknown flag bits {flags:#06x} or non-zero reserved field"
-        )));
+    if flags & !FLAGS_KNOWN != 0 {
+        return Err(WireError::Malformed {
+            field: "flags",
+            offset: FLAGS_OFFSET,
+            problem: Problem::UnknownBits {
+                known: u64::from(FLAGS_KNOWN),
+                found: u64::from(flags),
+            },
+        });
     }
-    let correlation_id = u64::from_le_bytes(
-        h[CORRELATION_OFFSET..FRAME_HEADER_LEN]
-            .try_into()
-            .expect("8 bytes"),
-    );
+    let reserved = u16_at(RESERVED_OFFSET);
+    if reserved != 0 {
+        return Err(WireError::Malformed {
+            field: "reserved",
+            offset: RESERVED_OFFSET,
+            problem: Problem::NotEqual {
+                expected: 0,
+                found: u64::from(reserved),
+            },
+        });
+    }
+    let mut correlation = [0u8; 8];
+    correlation.copy_from_slice(&h[CORRELATION_OFFSET..FRAME_HEADER_LEN]);
+    let correlation_id = u64::from_le_bytes(correlation);
     Ok(Some(FrameHeader {
         opcode,
         flags,
@@ -244,10 +268,16 @@ mod tests {
         ));
         let mut f = good.clone();
         f[..4].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(decode_header(&f), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_header(&f),
+            Err(WireError::Malformed { .. })
+        ));
         let mut f = good.clone();
         f[MAGIC_OFFSET] ^= 1;
-        assert!(matches!(decode_header(&f), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_header(&f),
+            Err(WireError::Malformed { .. })
+        ));
         let mut f = good.clone();
         f[VERSION_OFFSET] = 9;
         assert_eq!(decode_header(&f), Err(WireError::UnsupportedVersion(9)));
@@ -256,6 +286,9 @@ mod tests {
         assert_eq!(decode_header(&f), Err(WireError::UnknownOpcode(0x4E)));
         let mut f = good;
         f[FLAGS_OFFSET] = 0x80;
-        assert!(matches!(decode_header(&f), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            decode_header(&f),
+            Err(WireError::Malformed { .. })
+        ));
     }
 }

@@ -28,17 +28,51 @@ pub enum WireError {
         need: usize,
         have: usize,
     },
-    #[error("malformed frame: {0}")]
-    Malformed(String),
+    /// The stream is out of step: a field holds bytes no encoder writes.
+    #[error("malformed {field} at byte {offset}: {problem}")]
+    Malformed {
+        /// The field, as PROTOCOL.md names it.
+        field: &'static str,
+        /// Where the field starts, from the start of the frame for header
+        /// fields and from the start of the body for body fields.
+        offset: usize,
+        problem: Problem,
+    },
     #[error("unauthorized: {0}")]
     Unauthorized(&'static str),
     /// The frame and body decode, but a field holds a value out of its
     /// range: the request is refused (INVALID_REQUEST) and the connection
     /// kept, since the stream is still in step.
-    #[error("invalid {field}: {reason}")]
-    InvalidValue { field: &'static str, reason: String },
+    #[error("invalid {field}: {problem}")]
+    InvalidValue {
+        field: &'static str,
+        problem: Problem,
+    },
 }
 
+/// What a field held against what was expected of it.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum Problem {
+    #[error("expected {expected}, found {found}")]
+    NotEqual { expected: u64, found: u64 },
+    #[error("expected {expected:#x}, found {found:#x}")]
+    NotMagic { expected: u64, found: u64 },
+    #[error("expected at most {max}, found {found}")]
+    AboveMax { max: u64, found: u64 },
+    #[error("expected at least {min}, found {found}")]
+    BelowMin { min: u64, found: u64 },
+    #[error("expected no bits outside {known:#x}, found {found:#x}")]
+    UnknownBits { known: u64, found: u64 },
+    #[error("expected one of {expected:?}, found {found}")]
+    NotOneOf {
+        expected: &'static [u64],
+        found: u64,
+    },
+    #[error("expected UTF-8, found an invalid sequence at byte {valid_up_to} of the string")]
+    NotUtf8 { valid_up_to: usize },
+    #[error("expected a request opcode, found {found:#04x}")]
+    NotARequest { found: u8 },
+}
 impl WireError {
     /// The error code sent back for this violation.
     pub fn code(&self) -> ErrorCode {
@@ -46,7 +80,9 @@ impl WireError {
             WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             WireError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             WireError::UnknownOpcode(_) => ErrorCode::UnknownOpcode,
-            WireError::UnexpectedEof { .. } | WireError::Malformed(_) => ErrorCode::MalformedFrame,
+            WireError::UnexpectedEof { .. } | WireError::Malformed { .. } => {
+                ErrorCode::MalformedFrame
+            }
             WireError::Unauthorized(_) => ErrorCode::Unauthorized,
             WireError::InvalidValue { .. } => ErrorCode::InvalidRequest,
         }
@@ -164,7 +200,9 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
-        Ok(self.bytes(N)?.try_into().expect("N bytes"))
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
     }
 
     pub fn u8(&mut self) -> Result<u8, WireError> {
@@ -192,11 +230,20 @@ impl<'a> Reader<'a> {
             self.bytes(len)?;
             return Err(WireError::InvalidValue {
                 field: what,
-                reason: format!("{len} bytes exceeds {max}"),
+                problem: Problem::AboveMax {
+                    max: max as u64,
+                    found: len as u64,
+                },
             });
         }
-        std::str::from_utf8(self.bytes(len)?)
-            .map_err(|_| WireError::Malformed(format!("{what} is not UTF-8")))
+        let offset = self.at;
+        std::str::from_utf8(self.bytes(len)?).map_err(|e| WireError::Malformed {
+            field: what,
+            offset,
+            problem: Problem::NotUtf8 {
+                valid_up_to: e.valid_up_to(),
+            },
+        })
     }
 
     /// A count of items that take at least `min_item_bytes` each, checked
@@ -204,15 +251,21 @@ impl<'a> Reader<'a> {
     /// make the caller reserve memory for items that are not there.
     pub fn count(
         &mut self,
-        what: &str,
+        what: &'static str,
         max: usize,
         min_item_bytes: usize,
     ) -> Result<usize, WireError> {
+        let offset = self.at;
         let n = self.u32()? as usize;
         if n > max {
-            return Err(WireError::Malformed(format!(
-                "{what} count {n} exceeds {max}"
-            )));
+            return Err(WireError::Malformed {
+                field: what,
+                offset,
+                problem: Problem::AboveMax {
+                    max: max as u64,
+                    found: n as u64,
+                },
+            });
         }
         if n.saturating_mul(min_item_bytes) > self.remaining() {
             return Err(WireError::UnexpectedEof {
@@ -227,10 +280,14 @@ impl<'a> Reader<'a> {
     /// Fails unless the whole body was consumed.
     pub fn finish(&self) -> Result<(), WireError> {
         if self.remaining() != 0 {
-            return Err(WireError::Malformed(format!(
-                "{} trailing bytes after the body",
-                self.remaining()
-            )));
+            return Err(WireError::Malformed {
+                field: "end of body",
+                offset: self.at,
+                problem: Problem::NotEqual {
+                    expected: self.at as u64,
+                    found: self.buf.len() as u64,
+                },
+            });
         }
         Ok(())
     }
@@ -244,8 +301,10 @@ pub trait Put {
     fn put_u64(&mut self, v: u64);
     fn put_u128(&mut self, v: u128);
     fn put_bytes(&mut self, v: &[u8]);
-    /// A `u16`-length-prefixed string. Panics past 65535 bytes: callers
-    /// validate names first.
+    /// A `u16`-length-prefixed string.
+    ///
+    /// # Panics
+    /// Past 65535 bytes: callers validate names first.
     fn put_str(&mut self, v: &str);
 }
 
@@ -269,8 +328,11 @@ impl Put for Vec<u8> {
         self.extend_from_slice(v)
     }
     fn put_str(&mut self, v: &str) {
-        let len = u16::try_from(v.len()).expect("string longer than 65535 bytes");
-        self.put_u16(len);
+        assert!(
+            v.len() <= usize::from(u16::MAX),
+            "string longer than 65535 bytes"
+        );
+        self.put_u16(v.len() as u16);
         self.extend_from_slice(v.as_bytes());
     }
 }

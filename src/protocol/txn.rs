@@ -19,7 +19,7 @@
 use super::body::{
     decode_messages, ProduceRequest, GROUP_NAME_MAX, MESSAGE_HAS_KEY, TOPIC_NAME_MAX,
 };
-use super::{Put, Reader, WireError};
+use super::{Problem, Put, Reader, WireError};
 use crate::log::record::Message;
 
 /// Longest delay PRODUCE_DELAYED accepts: 90 days.
@@ -37,12 +37,21 @@ pub enum Decision {
 }
 
 impl Decision {
-    pub fn from_u8(v: u8) -> Result<Decision, WireError> {
-        match v {
+    /// Reads the one-byte decision at the reader's position.
+    pub fn decode(r: &mut Reader<'_>) -> Result<Decision, WireError> {
+        let offset = r.position();
+        match r.u8()? {
             0 => Ok(Decision::Unknown),
             1 => Ok(Decision::Commit),
             2 => Ok(Decision::Rollback),
-            v => Err(WireError::Malformed(format!("unknown decision {v}"))),
+            v => Err(WireError::Malformed {
+                field: "decision",
+                offset,
+                problem: Problem::NotOneOf {
+                    expected: &[0, 1, 2],
+                    found: u64::from(v),
+                },
+            }),
         }
     }
 }
@@ -57,14 +66,21 @@ pub enum TxnState {
 }
 
 impl TxnState {
-    pub fn from_u8(v: u8) -> Result<TxnState, WireError> {
-        match v {
+    /// Reads the one-byte state at the reader's position.
+    pub fn decode(r: &mut Reader<'_>) -> Result<TxnState, WireError> {
+        let offset = r.position();
+        match r.u8()? {
             0 => Ok(TxnState::Open),
             1 => Ok(TxnState::Committed),
             2 => Ok(TxnState::RolledBack),
-            v => Err(WireError::Malformed(format!(
-                "unknown transaction state {v}"
-            ))),
+            v => Err(WireError::Malformed {
+                field: "state",
+                offset,
+                problem: Problem::NotOneOf {
+                    expected: &[0, 1, 2],
+                    found: u64::from(v),
+                },
+            }),
         }
     }
 }
@@ -106,9 +122,14 @@ pub fn encode_half_prefix(
 pub fn decode_half(body: &[u8]) -> Result<HalfRequest<'_>, WireError> {
     let mut r = Reader::new(body);
     let group = r.str("producer group", GROUP_NAME_MAX)?;
+    let txn_id_at = r.position();
     let txn_id = r.u128()?;
     if txn_id == 0 {
-        return Err(WireError::Malformed("transaction id 0 is reserved".into()));
+        return Err(WireError::Malformed {
+            field: "txn_id",
+            offset: txn_id_at,
+            problem: Problem::BelowMin { min: 1, found: 0 },
+        });
     }
     let topic = r.str("topic", TOPIC_NAME_MAX)?;
     let partition = r.u32()?;
@@ -133,7 +154,7 @@ pub fn encode_end(txn_id: u128, decision: Decision, out: &mut Vec<u8>) {
 pub fn decode_end(body: &[u8]) -> Result<(u128, Decision), WireError> {
     let mut r = Reader::new(body);
     let txn_id = r.u128()?;
-    let decision = Decision::from_u8(r.u8()?)?;
+    let decision = Decision::decode(&mut r)?;
     r.finish()?;
     Ok((txn_id, decision))
 }
@@ -167,7 +188,7 @@ impl EndReply {
     }
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         let mut r = Reader::new(body);
-        let state = TxnState::from_u8(r.u8()?)?;
+        let state = TxnState::decode(&mut r)?;
         let n = r.count("placed messages", TXN_MESSAGES_MAX, 2 + 4 + 8)?;
         let mut placed = Vec::with_capacity(n);
         for _ in 0..n {
@@ -210,7 +231,9 @@ impl Check {
             0
         });
         let key = self.key.as_deref().unwrap_or(&[]);
-        out.put_u16(u16::try_from(key.len()).expect("key checked at TXN_HALF"));
+        // Checked at TXN_HALF: a stored key is at most 65535 bytes.
+        assert!(key.len() <= usize::from(u16::MAX), "key over 65535 bytes");
+        out.put_u16(key.len() as u16);
         out.put_bytes(key);
         out.put_u32(self.headers.len() as u32);
         out.put_bytes(&self.headers);
@@ -222,18 +245,31 @@ impl Check {
         let check = r.u32()?;
         let topic = r.str("topic", TOPIC_NAME_MAX)?.to_owned();
         let messages = r.u32()?;
+        let flags_at = r.position();
         let flags = r.u8()?;
         if flags & !MESSAGE_HAS_KEY != 0 {
-            return Err(WireError::Malformed(format!(
-                "unknown check flags {flags:#04x}"
-            )));
+            return Err(WireError::Malformed {
+                field: "flags",
+                offset: flags_at,
+                problem: Problem::UnknownBits {
+                    known: u64::from(MESSAGE_HAS_KEY),
+                    found: u64::from(flags),
+                },
+            });
         }
+        let key_len_at = r.position();
         let key_len = r.u16()? as usize;
         let key = r.bytes(key_len)?;
         if flags & MESSAGE_HAS_KEY == 0 && key_len != 0 {
-            return Err(WireError::Malformed(
-                "key bytes without the key flag".into(),
-            ));
+            // Key bytes without the key flag.
+            return Err(WireError::Malformed {
+                field: "key_len",
+                offset: key_len_at,
+                problem: Problem::NotEqual {
+                    expected: 0,
+                    found: key_len as u64,
+                },
+            });
         }
         let headers_len = r.u32()? as usize;
         let headers = r.bytes(headers_len)?.to_vec();
@@ -270,11 +306,17 @@ pub fn decode_delayed(body: &[u8]) -> Result<DelayedRequest<'_>, WireError> {
     let mut r = Reader::new(body);
     let topic = r.str("topic", TOPIC_NAME_MAX)?;
     let partition = r.u32()?;
+    let delay_at = r.position();
     let delay_ms = r.u64()?;
     if delay_ms > DELAY_MS_MAX {
-        return Err(WireError::Malformed(format!(
-            "delay of {delay_ms} ms exceeds {DELAY_MS_MAX}"
-        )));
+        return Err(WireError::Malformed {
+            field: "delay_ms",
+            offset: delay_at,
+            problem: Problem::AboveMax {
+                max: DELAY_MS_MAX,
+                found: delay_ms,
+            },
+        });
     }
     let messages: Vec<Message<'_>> = decode_messages(&mut r)?;
     r.finish()?;
@@ -315,7 +357,7 @@ mod tests {
         let mut z = Vec::new();
         encode_half_prefix("orders", 0, "t", 3, &mut z);
         messages(&mut z);
-        assert!(matches!(decode_half(&z), Err(WireError::Malformed(_))));
+        assert!(matches!(decode_half(&z), Err(WireError::Malformed { .. })));
         // Every truncation is an error, never a panic.
         for cut in 0..b.len() {
             assert!(decode_half(&b[..cut]).is_err(), "cut at {cut}");

@@ -8,7 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::{answer, broker_error};
 use crate::protocol::body::{self, AckRequest};
-use crate::protocol::{FrameHeader, Opcode, WireError};
+use crate::protocol::{FrameHeader, Opcode, Problem, WireError};
 use crate::server::conn::{Conn, Fatal};
 
 pub(super) async fn ack(
@@ -22,7 +22,11 @@ pub(super) async fn ack(
     if !nack && req.delay_ms != 0 {
         return Err(WireError::InvalidValue {
             field: "delay_ms",
-            reason: format!("ACK takes delay_ms 0 (it is NACK's), got {}", req.delay_ms),
+            // delay_ms is NACK's: an ACK carries 0.
+            problem: Problem::NotEqual {
+                expected: 0,
+                found: u64::from(req.delay_ms),
+            },
         }
         .into());
     }

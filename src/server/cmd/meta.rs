@@ -8,7 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::broker::config::same_secret;
 use crate::protocol::body::{Hello, HelloReply};
-use crate::protocol::{frame, FrameHeader, WireError};
+use crate::protocol::{frame, FrameHeader, Problem, WireError};
 use crate::server::conn::{Conn, Fatal};
 
 pub(super) async fn hello(
@@ -52,10 +52,15 @@ pub(super) async fn ping(
     _permit: OwnedSemaphorePermit,
 ) -> Result<(), Fatal> {
     if !body.is_empty() {
-        return Err(WireError::Malformed(format!(
-            "PING has an empty body, got {} bytes",
-            body.len()
-        ))
+        // PING has an empty body.
+        return Err(WireError::Malformed {
+            field: "body length",
+            offset: 0,
+            problem: Problem::NotEqual {
+                expected: 0,
+                found: body.len() as u64,
+            },
+        }
         .into());
     }
     conn.send(conn.reply(&h, |_| {})).await;

@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::conn::{Conn, Fatal};
 use super::error_frame;
 use crate::broker::BrokerError;
-use crate::protocol::{FrameHeader, Opcode, WireError};
+use crate::protocol::{frame, FrameHeader, Opcode, Problem, WireError};
 
 /// The ERROR frame for a request the broker refused.
 fn broker_error(h: &FrameHeader, e: &BrokerError) -> Bytes {
@@ -69,9 +69,15 @@ pub(super) async fn dispatch(
     permit: OwnedSemaphorePermit,
 ) -> Result<(), Fatal> {
     if h.flags != 0 {
-        return Err(WireError::Malformed(
-            "a request may not carry the RESPONSE or PUSH flag".into(),
-        )
+        // A request carries neither the RESPONSE nor the PUSH flag.
+        return Err(WireError::Malformed {
+            field: "flags",
+            offset: frame::FLAGS_OFFSET,
+            problem: Problem::NotEqual {
+                expected: 0,
+                found: u64::from(h.flags),
+            },
+        }
         .into());
     }
     if h.opcode != Opcode::Hello && !conn.authorized.load(Ordering::Acquire) {
@@ -94,8 +100,13 @@ pub(super) async fn dispatch(
         Opcode::TxnRegister => txn::register(conn, h, body, permit).await,
         Opcode::TxnHalf | Opcode::ProduceDelayed => txn::store(conn, h, body, permit).await,
         Opcode::TxnEnd => txn::end(conn, h, body, permit).await,
-        Opcode::Deliver | Opcode::Error | Opcode::TxnCheck => {
-            Err(WireError::Malformed(format!("{:?} is not a request", h.opcode)).into())
+        Opcode::Deliver | Opcode::Error | Opcode::TxnCheck => Err(WireError::Malformed {
+            field: "opcode",
+            offset: frame::OPCODE_OFFSET,
+            problem: Problem::NotARequest {
+                found: h.opcode as u8,
+            },
         }
+        .into()),
     }
 }

@@ -7,7 +7,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::broker_error;
 use crate::protocol::body::{self, GroupPartition, TopicSummary};
-use crate::protocol::{FrameHeader, Opcode, WireError};
+use crate::protocol::{FrameHeader, Opcode, Problem, WireError};
 use crate::server::conn::{Conn, Fatal};
 
 pub(super) async fn handle(
@@ -29,7 +29,16 @@ pub(super) async fn handle(
         }
         Opcode::ListTopics => {
             if !body.is_empty() {
-                return Err(WireError::Malformed("LIST_TOPICS has an empty body".into()).into());
+                // LIST_TOPICS has an empty body.
+                return Err(WireError::Malformed {
+                    field: "body length",
+                    offset: 0,
+                    problem: Problem::NotEqual {
+                        expected: 0,
+                        found: body.len() as u64,
+                    },
+                }
+                .into());
             }
             let list = broker.list_topics();
             conn.reply(&h, |o| TopicSummary::encode_list(&list, o))
