@@ -90,6 +90,7 @@ fn build(dir: &std::path::Path, messages: u64, groups: u32) {
                 bytes: 16 << 20,
             },
             segment_bytes: 64 << 20,
+            flush_journal: None,
         },
         u64::MAX,
         Box::new(Vec::new),

@@ -202,8 +202,8 @@ async fn a_durable_decision_is_carried_out_after_a_crash() {
         let mut broker = BrokerProcess::start_with(
             dir.path(),
             &addr.to_string(),
+            &["--fault-crash-at", crash_at],
             &[],
-            &[("BIDA_CRASH_AT", crash_at)],
         );
         let producer = TransactionalProducer::connect(addr, "shop", never_asked)
             .await

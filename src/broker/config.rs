@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::log::{Clock, FlushMode, Preallocate, WritePath};
+use crate::log::{Clock, FlushJournal, FlushMode, Preallocate, WritePath};
 use crate::protocol::body::{Backoff, PARTITIONS_MAX};
 use crate::protocol::FRAME_BYTES_MAX;
 
@@ -129,6 +129,52 @@ pub struct BrokerConfig {
     /// the schedule fires delayed messages and checks transactions by. Not a
     /// TOML key or flag: the system clock, or a manual one in tests.
     pub clock: Clock,
+    /// Fault injection for the crash tests; none in production. Not a
+    /// TOML key: hidden `bida serve` options that `bida torture` and the
+    /// tests pass (docs/RELIABILITY.md).
+    pub faults: Faults,
+}
+
+/// Faults the crash tests inject into a real broker process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Every completed flush of every log (topics, `_groups`,
+    /// `_schedule`) is recorded here, for `bida torture --power-loss`.
+    pub flush_journal: Option<FlushJournal>,
+    /// The process aborts at this point of a transaction's decision.
+    pub crash_at: Option<CrashPoint>,
+}
+
+/// Where a transactional decision can be cut short by an abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after the decision is durable in the schedule log.
+    TxnDecided,
+    /// Right after a commit's messages reached their topics, before the
+    /// schedule records that it is finished.
+    TxnApplied,
+}
+
+impl CrashPoint {
+    /// The name `--fault-crash-at` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CrashPoint::TxnDecided => "txn-decided",
+            CrashPoint::TxnApplied => "txn-applied",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<CrashPoint, ConfigError> {
+        match s {
+            "txn-decided" => Ok(CrashPoint::TxnDecided),
+            "txn-applied" => Ok(CrashPoint::TxnApplied),
+            other => Err(ConfigError::UnknownChoice {
+                key: "fault_crash_at",
+                allowed: &["txn-decided", "txn-applied"],
+                got: other.to_owned(),
+            }),
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -174,6 +220,7 @@ impl Default for BrokerConfig {
             txn_open_max: 100_000,
             delayed_max: 10_000_000,
             clock: Clock::system(),
+            faults: Faults::default(),
         }
     }
 }

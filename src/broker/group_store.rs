@@ -34,7 +34,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::log::record::{InnerMsgId, Message};
-use crate::log::{FlushMode, Log, Options, StorageError};
+use crate::log::{FlushJournal, FlushMode, Log, Options, StorageError};
 use crate::protocol::body::{GROUP_NAME_MAX, TOPIC_NAME_MAX};
 use crate::protocol::{Problem, Put, Reader, WireError};
 
@@ -309,10 +309,12 @@ pub struct GroupStore {
 
 /// How the groups log is written: the broker's flush mode, and its segment
 /// size (the broker's, at most 64 MiB, so a small disk holds it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreSetup {
     pub flush: FlushMode,
     pub segment_bytes: u64,
+    /// For power-loss tests (`BrokerConfig::faults`).
+    pub flush_journal: Option<FlushJournal>,
 }
 
 impl From<FlushMode> for StoreSetup {
@@ -320,14 +322,16 @@ impl From<FlushMode> for StoreSetup {
         StoreSetup {
             flush,
             segment_bytes: 64 << 20,
+            flush_journal: None,
         }
     }
 }
 
-fn log_options(setup: StoreSetup) -> Options {
+fn log_options(setup: &StoreSetup) -> Options {
     let mut o = Options {
         flush: setup.flush,
         segment_bytes: setup.segment_bytes,
+        flush_journal: setup.flush_journal.clone(),
         record_bytes_max: RECORD_BYTES,
         checkpoint_interval_ms: 1000,
         ..Options::default()
@@ -386,7 +390,7 @@ fn write_snapshot(
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(StorageError::io(&tmp))?;
     }
-    let log = Log::open(&tmp, log_options(setup))?;
+    let log = Log::open(&tmp, log_options(&setup))?;
     for chunk in entries.chunks(BATCH_MAX) {
         let payloads: Vec<Vec<u8>> = chunk
             .iter()
@@ -419,7 +423,7 @@ impl GroupStore {
     ) -> Result<(GroupStore, HashMap<GroupKey, StoredGroup>), StorageError> {
         let setup = setup.into();
         settle_swap(&dir).map_err(StorageError::io(&dir))?;
-        let mut log = Log::open(&dir, log_options(setup))?;
+        let mut log = Log::open(&dir, log_options(&setup))?;
         let state = replay(&log)?;
         if log_bytes(&log) > compact_bytes {
             // The replayed state is the snapshot: nothing else knows the
@@ -440,7 +444,7 @@ impl GroupStore {
             log = compact(
                 log,
                 &dir,
-                setup,
+                setup.clone(),
                 &(Box::new(move || entries.clone()) as Collector),
             )?;
         }
@@ -515,7 +519,7 @@ fn run(
     let mut compact_due = false;
     loop {
         if compact_due {
-            log = match compact(log, &dir, setup, &collector) {
+            log = match compact(log, &dir, setup.clone(), &collector) {
                 Ok(l) => {
                     threshold = compact_bytes.max(2 * log_bytes(&l));
                     l
@@ -572,7 +576,7 @@ fn compact(
 ) -> Result<Log, StorageError> {
     let before = log_bytes(&log);
     let entries = collector();
-    write_snapshot(dir, setup, &entries)?;
+    write_snapshot(dir, setup.clone(), &entries)?;
     log.close()?;
     let old = dir.with_extension("old");
     fs::rename(dir, &old).map_err(StorageError::io(dir))?;
@@ -583,7 +587,7 @@ fn compact(
             .map_err(StorageError::io(parent))?;
     }
     fs::remove_dir_all(&old).map_err(StorageError::io(&old))?;
-    let log = Log::open(dir, log_options(setup))?;
+    let log = Log::open(dir, log_options(&setup))?;
     tracing::info!(
         groups = entries.len(),
         bytes_before = before,

@@ -336,6 +336,7 @@ impl Broker {
             group_store::StoreSetup {
                 flush: config.flush,
                 segment_bytes: config.segment_bytes.min(64 << 20),
+                flush_journal: config.faults.flush_journal.clone(),
             },
             config.groups_compact_bytes,
             collector,
@@ -360,6 +361,7 @@ impl Broker {
                 check_max: config.txn_check_max,
                 txn_open_max: config.txn_open_max,
                 delayed_max: config.delayed_max,
+                crash_at: config.faults.crash_at,
             },
         )?);
         let broker = Arc::new(Broker {
@@ -1264,6 +1266,7 @@ fn log_options(config: &BrokerConfig) -> Options {
         segment_bytes: config.segment_bytes,
         record_bytes_max: config.record_bytes_max,
         clock: config.clock.clone(),
+        flush_journal: config.faults.flush_journal.clone(),
         ..Options::default()
     };
     o.dedup.records_max = config.dedup_window_ids;

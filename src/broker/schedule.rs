@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::config::CrashPoint;
 use super::durability::DurabilityWaiter;
 use super::{Broker, BrokerError};
 use crate::log::record::{InnerMsgId, Message};
@@ -78,6 +79,8 @@ pub struct Limits {
     pub check_max: u32,
     pub txn_open_max: usize,
     pub delayed_max: usize,
+    /// Fault injection for the crash tests (`BrokerConfig::faults`).
+    pub crash_at: Option<CrashPoint>,
 }
 
 /// A decoded schedule entry (a view of one record).
@@ -288,10 +291,6 @@ pub struct Schedule {
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub metrics: ScheduleMetrics,
-    /// Fault injection for the crash tests: `BIDA_CRASH_AT=txn-decided`
-    /// aborts the process right after a decision is durable,
-    /// `txn-applied` right after a commit reached its topics.
-    crash_at: Option<String>,
 }
 
 impl Schedule {
@@ -395,7 +394,6 @@ impl Schedule {
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
             metrics: ScheduleMetrics::default(),
-            crash_at: std::env::var("BIDA_CRASH_AT").ok(),
         })
     }
 
@@ -658,14 +656,14 @@ impl Schedule {
             let payload = encode_decision(txn_id, state, by);
             let appended = self.append(&[marker(&payload)])?;
             self.log.wait_durable(appended.durable_target())?;
-            self.crash_point("txn-decided");
+            self.crash_point(CrashPoint::TxnDecided);
         }
         let placed = if state == TxnState::Committed {
             self.deliver(broker, halves)?
         } else {
             Vec::new()
         };
-        self.crash_point("txn-applied");
+        self.crash_point(CrashPoint::TxnApplied);
         let payload = encode_done(txn_id);
         self.append(&[marker(&payload)])?;
         Ok(placed)
@@ -688,9 +686,9 @@ impl Schedule {
         }
     }
 
-    fn crash_point(&self, name: &str) {
-        if self.crash_at.as_deref() == Some(name) {
-            eprintln!("bida: BIDA_CRASH_AT={name}: aborting");
+    fn crash_point(&self, at: CrashPoint) {
+        if self.limits.crash_at == Some(at) {
+            eprintln!("bida: --fault-crash-at {}: aborting", at.name());
             std::process::abort();
         }
     }

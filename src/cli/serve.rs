@@ -148,6 +148,15 @@ pub struct Args {
     /// Delayed messages pending at once [default: 10000000]
     #[arg(long)]
     pub delayed_max: Option<usize>,
+    /// Crash tests only: append `<segment> <durable bytes>` to FILE after
+    /// every completed flush (`bida torture --power-loss`;
+    /// docs/RELIABILITY.md).
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub fault_flush_journal: Option<PathBuf>,
+    /// Crash tests only: abort at `txn-decided` or `txn-applied`
+    /// (docs/RELIABILITY.md).
+    #[arg(long, hide = true, value_name = "POINT")]
+    pub fault_crash_at: Option<String>,
 }
 
 impl Args {
@@ -230,6 +239,16 @@ impl Args {
         }
         if let Some(v) = self.retention_bytes {
             c.retention_bytes = (v > 0).then_some(v);
+        }
+        if let Some(path) = &self.fault_flush_journal {
+            c.faults.flush_journal = Some(
+                bida::log::FlushJournal::open(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            );
+        }
+        if let Some(at) = &self.fault_crash_at {
+            c.faults.crash_at =
+                Some(bida::broker::config::CrashPoint::parse(at).map_err(|e| e.to_string())?);
         }
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)

@@ -226,7 +226,7 @@ impl Broker {
             .args(segment_bytes.map(|b| format!("--segment-bytes={b}")))
             .args(dedup_window_ms.map(|ms| format!("--dedup-window-ms={ms}")))
             .env("BIDA_LOG", "error")
-            .envs(journal.map(|j| ("BIDA_FLUSH_JOURNAL", j)))
+            .args(journal.map(|j| format!("--fault-flush-journal={}", j.display())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

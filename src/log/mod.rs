@@ -18,6 +18,7 @@ pub mod error;
 mod flush;
 pub mod index;
 pub mod inspect;
+pub mod journal;
 mod mmap;
 pub mod options;
 pub mod record;
@@ -38,6 +39,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 pub use clock::Clock;
 pub use dedup::DedupIndex;
 pub use error::{Result, StorageError};
+pub use journal::FlushJournal;
 pub use options::{
     DedupWindow, FlushMode, Options, Preallocate, RecoveryMode, Retention, WritePath,
 };
@@ -798,7 +800,7 @@ impl Inner {
         let (segment, map) = created?;
         let old_map = std::mem::replace(&mut w.map, map);
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
-        if let Err(e) = old.flush_to(old_map.cursor()) {
+        if let Err(e) = old.flush_to(old_map.cursor(), self.options.flush_journal.as_ref()) {
             // The old segment may not be durable; nothing more may be acked.
             let cause = Arc::new(e);
             w.broken = Some(Arc::clone(&cause));
@@ -820,7 +822,7 @@ impl Inner {
     fn finish_seal(&self) {
         let mut unsealed = lock(&self.unsealed);
         if let Some((segment, writer)) = unsealed.take() {
-            if let Err(e) = segment.seal(&self.dir, writer) {
+            if let Err(e) = segment.seal(&self.dir, writer, self.options.flush_journal.as_ref()) {
                 tracing::warn!(segment = %segment.path.display(), error = %e, "could not seal the segment; the next open will");
             }
         }
@@ -888,7 +890,7 @@ impl Inner {
     /// Flushes `segment` up to `end` (from [`Inner::flush_target`]).
     fn flush_active(&self, segment: Arc<Segment>, end: usize, appended: u64) -> Result<()> {
         let started = std::time::Instant::now();
-        segment.flush_to(end)?;
+        segment.flush_to(end, self.options.flush_journal.as_ref())?;
         if let Some(observe) = self.flush_observer.get() {
             observe(started.elapsed());
         }
@@ -1204,7 +1206,7 @@ fn open_active(
     if let Some(dirty_end) = cut {
         map.zero_to(dirty_end)
             .map_err(StorageError::io(&segment.path))?;
-        segment::Segment::flush_to(&segment, dirty_end)?;
+        segment::Segment::flush_to(&segment, dirty_end, options.flush_journal.as_ref())?;
         report.bytes_truncated += (dirty_end - valid_end) as u64;
     }
     Ok((segment, map))

@@ -2,6 +2,7 @@
 
 use super::clock::Clock;
 use super::error::{Result, StorageError};
+use super::journal::FlushJournal;
 use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
 
 /// When an append counts as done.
@@ -154,6 +155,9 @@ pub struct Options {
     /// segment age, retention) is judged by. Default: the system clock;
     /// tests inject a manual one.
     pub clock: Clock,
+    /// Power-loss tests only: where every completed flush is recorded
+    /// (`log/journal.rs`). Default: none.
+    pub flush_journal: Option<FlushJournal>,
 }
 
 /// The smallest segment accepted.
@@ -190,6 +194,7 @@ impl Default for Options {
             verify_sealed_on_open: false,
             retention_check_interval_ms: 10_000,
             clock: Clock::system(),
+            flush_journal: None,
         }
     }
 }

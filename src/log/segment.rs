@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::error::{Result, StorageError};
 use super::index::{IndexError, IndexFile, OffsetEntry, SegmentIndex};
+use super::journal::FlushJournal;
 use super::mmap::{prefetch, MapWriter, SegmentMap};
 use super::options::WritePath;
 use super::record;
@@ -459,8 +460,9 @@ impl Segment {
         None
     }
 
-    /// Makes the records in `[flushed, end)` durable.
-    pub(crate) fn flush_to(&self, end: usize) -> Result<()> {
+    /// Makes the records in `[flushed, end)` durable, then records it in
+    /// `journal` if there is one.
+    pub(crate) fn flush_to(&self, end: usize, journal: Option<&FlushJournal>) -> Result<()> {
         let from = self.flushed.load(Ordering::Acquire);
         if end <= from {
             return Ok(());
@@ -485,7 +487,9 @@ impl Segment {
             }
         }
         self.flushed.fetch_max(end, Ordering::AcqRel);
-        flush_journal(&self.path, end);
+        if let Some(journal) = journal {
+            journal.record(&self.path, end);
+        }
         Ok(())
     }
 
@@ -551,10 +555,15 @@ impl Segment {
 
     /// Seals the active segment: everything flushed, index files written,
     /// the file cut to its records. The writer is consumed: no more appends.
-    pub(crate) fn seal(&self, dir: &Path, writer: MapWriter) -> Result<()> {
+    pub(crate) fn seal(
+        &self,
+        dir: &Path,
+        writer: MapWriter,
+        journal: Option<&FlushJournal>,
+    ) -> Result<()> {
         let end = writer.cursor();
         debug_assert_eq!(end, self.map.published(), "sealing with unpublished bytes");
-        self.flush_to(end)?;
+        self.flush_to(end, journal)?;
         drop(writer);
         let index = self.index().clone();
         // SAFETY of the truncation for readers is argued in mmap.rs: nothing
@@ -789,28 +798,6 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StorageError::io(dir))
-}
-
-/// For power-loss tests: with `BIDA_FLUSH_JOURNAL=FILE` in the environment,
-/// every completed flush appends `<segment path> <durable byte position>`
-/// to FILE. A harness that kills the process can then garble each segment
-/// past its last durable position, as a power cut would (`bida torture
-/// --power-loss`, docs/RELIABILITY.md). Unset, this costs one check.
-fn flush_journal(path: &Path, end: usize) {
-    static JOURNAL: std::sync::OnceLock<Option<Mutex<File>>> = std::sync::OnceLock::new();
-    let journal = JOURNAL.get_or_init(|| {
-        let to = std::env::var_os("BIDA_FLUSH_JOURNAL")?;
-        File::options()
-            .create(true)
-            .append(true)
-            .open(to)
-            .ok()
-            .map(Mutex::new)
-    });
-    if let Some(file) = journal {
-        let line = format!("{} {end}\n", path.display());
-        let _ = lock(file).write_all(line.as_bytes());
-    }
 }
 
 #[cfg(test)]

@@ -1163,6 +1163,45 @@ mod tests {
             let _ = super::super::txn::Check::decode(&bytes);
         }
     }
+
+    #[test]
+    fn malformed_message_names_field_and_offset() {
+        let mut body = Vec::new();
+        body.put_str("t");
+        body.put_u32(0);
+        body.put_u32(1);
+        let flags_at = body.len();
+        encode_produce_message(InnerMsgId(7), None, b"", b"x", &mut body);
+        body[flags_at] = 0x03;
+        let e = decode_produce(&body).unwrap_err();
+        assert_eq!(
+            e,
+            WireError::Malformed {
+                field: "message flags",
+                offset: flags_at,
+                problem: Problem::UnknownBits {
+                    known: u64::from(MESSAGE_HAS_KEY),
+                    found: 3,
+                },
+            }
+        );
+        assert_eq!(e.code(), ErrorCode::MalformedFrame);
+        // Trailing bytes name where the body should have ended.
+        let mut long = body.clone();
+        long[flags_at] = 0;
+        long.push(0);
+        assert_eq!(
+            decode_produce(&long).unwrap_err(),
+            WireError::Malformed {
+                field: "end of body",
+                offset: long.len() - 1,
+                problem: Problem::NotEqual {
+                    expected: (long.len() - 1) as u64,
+                    found: long.len() as u64,
+                },
+            }
+        );
+    }
 }
 
 #[cfg(test)]

@@ -274,10 +274,22 @@ mod tests {
         ));
         let mut f = good.clone();
         f[MAGIC_OFFSET] ^= 1;
-        assert!(matches!(
-            decode_header(&f),
-            Err(WireError::Malformed { .. })
-        ));
+        let e = decode_header(&f).unwrap_err();
+        assert_eq!(
+            e,
+            WireError::Malformed {
+                field: "magic",
+                offset: MAGIC_OFFSET,
+                problem: Problem::NotMagic {
+                    expected: u64::from(MAGIC),
+                    found: u64::from(MAGIC ^ 1),
+                },
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "malformed magic at byte 4: expected 0xb1da, found 0xb1db"
+        );
         let mut f = good.clone();
         f[VERSION_OFFSET] = 9;
         assert_eq!(decode_header(&f), Err(WireError::UnsupportedVersion(9)));
