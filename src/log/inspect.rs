@@ -80,7 +80,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StorageError::io(checkpoint_path)(e)),
     }
-    let bases = super::list_segments(dir)?;
+    let bases = super::open::list_segments(dir)?;
     let durable_bound = report.checkpoint.map_or(0, |c| c.durable_offset);
     let mut expected_base: Option<u64> = None;
     for (i, &base) in bases.iter().enumerate() {

@@ -314,6 +314,14 @@ impl MapWriter {
     }
 }
 
+/// The log encodes records straight into the writer
+/// (`record::encode`).
+impl super::record::RecordSink for MapWriter {
+    fn put(&mut self, bytes: &[u8]) {
+        self.write(bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -178,10 +178,45 @@ pub fn check_message(msg: &Message<'_>, record_bytes_max: usize) -> Result<usize
     Ok(len)
 }
 
+/// Where an encoded record goes, part by part: a `Vec`, or the log's
+/// mapped segment writer (so body parts are copied once, straight into
+/// the map).
+pub trait RecordSink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl RecordSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Writes one record of `len` bytes (from [`check_message`]) to `out`:
+/// the header with its checksum, then key, headers and payload. The one
+/// encoder of the record layout; the log and every tool use it.
+pub fn encode(
+    out: &mut impl RecordSink,
+    len: usize,
+    offset: u64,
+    timestamp_ms: u64,
+    durable_lag: u32,
+    msg: &Message<'_>,
+) {
+    let mut header = [0u8; RECORD_HEADER_LEN];
+    encode_header(&mut header, len, offset, timestamp_ms, durable_lag, msg);
+    let crc = record_crc(&header, msg);
+    put_u32(&mut header, CRC_OFFSET, crc);
+    out.put(&header);
+    if let Some(key) = msg.key {
+        out.put(key);
+    }
+    out.put(msg.headers);
+    out.put(msg.payload);
+}
+
 /// Writes the fixed header of a record into `dst[..RECORD_HEADER_LEN]`,
-/// with the checksum still zero; [`seal_crc`] fills it once the body is in
-/// place. Split in two so the log can copy body parts straight into its map.
-pub fn encode_header(
+/// with the checksum still zero ([`encode`] fills it in).
+fn encode_header(
     dst: &mut [u8; RECORD_HEADER_LEN],
     len: usize,
     offset: u64,
@@ -206,7 +241,7 @@ pub fn encode_header(
 
 /// The checksum of a record whose header was written by [`encode_header`],
 /// computed over the header tail and the body parts without joining them.
-pub fn record_crc(header: &[u8; RECORD_HEADER_LEN], msg: &Message<'_>) -> u32 {
+fn record_crc(header: &[u8; RECORD_HEADER_LEN], msg: &Message<'_>) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&header[CRC_START..]);
     if let Some(key) = msg.key {
@@ -217,8 +252,8 @@ pub fn record_crc(header: &[u8; RECORD_HEADER_LEN], msg: &Message<'_>) -> u32 {
     hasher.finalize()
 }
 
-/// Encodes a whole record into a fresh buffer (tests, tools; the log writes
-/// through [`encode_header`] and [`record_crc`] instead).
+/// Encodes a whole record into a fresh buffer (tests, tools), through
+/// [`encode`].
 pub fn encode_to_vec(
     offset: u64,
     timestamp_ms: u64,
@@ -227,17 +262,8 @@ pub fn encode_to_vec(
 ) -> Vec<u8> {
     let key_len = msg.key.map_or(0, <[u8]>::len);
     let len = encoded_len(key_len, msg.headers.len(), msg.payload.len());
-    let mut header = [0u8; RECORD_HEADER_LEN];
-    encode_header(&mut header, len, offset, timestamp_ms, durable_lag, msg);
-    let crc = record_crc(&header, msg);
-    put_u32(&mut header, CRC_OFFSET, crc);
     let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&header);
-    if let Some(key) = msg.key {
-        out.extend_from_slice(key);
-    }
-    out.extend_from_slice(msg.headers);
-    out.extend_from_slice(msg.payload);
+    encode(&mut out, len, offset, timestamp_ms, durable_lag, msg);
     out
 }
 

@@ -1,0 +1,511 @@
+//! Opening a log: the directory lock, the checkpoint, every segment
+//! opened (sealed ones from their indexes, the last by a verifying scan
+//! with torn-tail handling, `recovery.rs`), and the dedup window rebuilt
+//! from the records.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use super::background::{background, prefaulter};
+use super::dedup::DedupIndex;
+use super::error::{Result, StorageError};
+use super::flush::GroupCommit;
+use super::mmap::{MapWriter, SegmentMap};
+use super::options::{Options, RecoveryMode, WritePath};
+use super::record::{self};
+use super::recovery::{
+    classify_tail, scan_segment, Checkpoint, RecoveryReport, Scan, TailVerdict, CHECKPOINT_FILE,
+};
+use super::retention::remove_segment_files;
+use super::segment::{self, Segment, LOG_SUFFIX};
+use super::writer::DEDUP_PREFETCH_AHEAD;
+use super::{Inner, Log, Writer};
+
+/// The file whose exclusive lock marks a directory as in use.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Opens (or creates) the log in `dir` ([`Log::open`]).
+pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
+    options.validate()?;
+    options.write_path = options.write_path.resolve(options.flush);
+    let started = Instant::now();
+    let dir = dir.to_path_buf();
+    fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;
+    let lock = lock_dir(&dir)?;
+    remove_temporary_files(&dir)?;
+    let checkpoint = read_checkpoint(&dir);
+    let mut report = RecoveryReport {
+        clean_shutdown: checkpoint.is_some_and(|c| c.clean),
+        ..RecoveryReport::default()
+    };
+    let (segments, writer_parts) = open_segments(&dir, &options, checkpoint, &mut report)?;
+    let (active, map) = writer_parts;
+    let next_offset = active.next_offset();
+    let last_timestamp_ms = segments
+        .iter()
+        .rev()
+        .find_map(|s| s.last_timestamp_ms())
+        .unwrap_or(0);
+    let dedup = rebuild_dedup(&segments, &options, next_offset);
+    // Everything now on disk is durable; a crash from here on is not a
+    // clean shutdown.
+    write_checkpoint(
+        &dir,
+        Checkpoint {
+            durable_offset: next_offset,
+            clean: false,
+        },
+    )?;
+    report.segments = segments.len();
+    report.next_offset = next_offset;
+    report.duration = started.elapsed();
+    log_report(&dir, &report);
+
+    let (signal, receiver) = crossbeam_channel::bounded(1);
+    let (prefault_signal, prefault_receiver) = crossbeam_channel::bounded(1);
+    let prefaults = options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
+    let prefault_enabled = AtomicBool::new(prefaults);
+    let inner = Arc::new(Inner {
+        dir,
+        options,
+        _lock: lock,
+        flush_observer: std::sync::OnceLock::new(),
+        writer: Mutex::new(Writer {
+            active,
+            map,
+            next_offset,
+            last_timestamp_ms,
+            dedup,
+            broken: None,
+        }),
+        segments: RwLock::new(segments),
+        group: GroupCommit::new(next_offset),
+        appended_bytes: AtomicU64::new(0),
+        flushed_bytes: AtomicU64::new(0),
+        flush_requested: AtomicBool::new(false),
+        prefault_requested: AtomicBool::new(false),
+        dedup_work_requested: AtomicBool::new(false),
+        prefault_enabled,
+        spare: Mutex::new(None),
+        spares_prepared: AtomicU64::new(0),
+        spare_failed_at: Mutex::new(None),
+        unsealed: Mutex::new(None),
+        signal,
+        prefault_signal,
+        report,
+    });
+    let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(body)
+            .map_err(StorageError::io("<thread spawn>"))
+    };
+    let background = {
+        let inner = Arc::clone(&inner);
+        spawn("bida-log-bg", Box::new(move || background(inner, receiver)))?
+    };
+    let mut threads = vec![background];
+    if prefaults {
+        let inner = Arc::clone(&inner);
+        threads.push(spawn(
+            "bida-log-prefault",
+            Box::new(move || prefaulter(inner, prefault_receiver)),
+        )?);
+    }
+    Ok(Log {
+        inner,
+        background: Mutex::new(threads),
+    })
+}
+
+type ActiveParts = (Arc<Segment>, MapWriter);
+
+/// Opens every segment: sealed ones from their indexes, the last one by a
+/// verifying scan with torn-tail handling.
+fn open_segments(
+    dir: &Path,
+    options: &Options,
+    checkpoint: Option<Checkpoint>,
+    report: &mut RecoveryReport,
+) -> Result<(Vec<Arc<Segment>>, ActiveParts)> {
+    let mut bases = list_segments(dir)?;
+    if bases.is_empty() {
+        report.created = true;
+        if checkpoint.is_some_and(|c| c.durable_offset > 0) {
+            return Err(StorageError::Corrupt {
+                file: dir.join(CHECKPOINT_FILE),
+                position: 0,
+                reason: "the checkpoint records durable data but no segment file exists".into(),
+            });
+        }
+        let (segment, map) = Segment::create(dir, 0, options.segment_bytes, options.write_path)?;
+        return Ok((vec![Arc::clone(&segment)], (segment, map)));
+    }
+    let mut segments: Vec<Arc<Segment>> = Vec::new();
+    let mut active_base = *bases.last().unwrap_or(&0);
+    for (i, &base) in bases.iter().enumerate().take(bases.len() - 1) {
+        let opened = Segment::open_sealed(
+            dir,
+            base,
+            options.index_interval_bytes,
+            options.verify_sealed_on_open,
+        )
+        .and_then(|(segment, scan)| {
+            check_continuity(segments.last(), base, &segment.path)?;
+            Ok((segment, scan))
+        });
+        match opened {
+            Ok((segment, scan)) => {
+                if let Some(scan) = scan {
+                    report.indexes_rebuilt += 1;
+                    if options.verify_sealed_on_open {
+                        report.records_verified += scan.records;
+                        report.bytes_verified += scan.valid_end as u64;
+                    }
+                }
+                segments.push(segment);
+            }
+            Err(e @ StorageError::Corrupt { .. }) if options.recovery == RecoveryMode::Repair => {
+                // Drop every later segment; this one becomes the active one
+                // and is cut at its first invalid record below.
+                let dropped: Vec<u64> = bases.drain(i + 1..).collect();
+                for &later in &dropped {
+                    remove_segment_files(dir, later)?;
+                }
+                let note = format!("{e}; removed {} later segment(s)", dropped.len());
+                tracing::error!(dir = %dir.display(), "repair: {note}");
+                report.repaired = Some(note);
+                active_base = base;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let bound = checkpoint.map_or(0, |c| c.durable_offset);
+    let (active, map) = open_active(dir, active_base, options, bound, report)?;
+    check_continuity(segments.last(), active_base, &active.path)?;
+    let next = active.next_offset();
+    if let Some(cp) = checkpoint {
+        if cp.durable_offset > next && options.recovery != RecoveryMode::Repair {
+            return Err(StorageError::Corrupt {
+                file: active.path.clone(),
+                position: active.size_bytes(),
+                reason: format!(
+                    "the log ends at offset {next} but offsets below {} were recorded durable",
+                    cp.durable_offset
+                ),
+            });
+        }
+    }
+    segments.push(Arc::clone(&active));
+    Ok((segments, (active, map)))
+}
+
+fn check_continuity(previous: Option<&Arc<Segment>>, base: u64, path: &Path) -> Result<()> {
+    match previous {
+        Some(prev) if prev.next_offset() != base => Err(StorageError::Corrupt {
+            file: path.to_path_buf(),
+            position: 0,
+            reason: format!(
+                "segment starts at offset {base} but the previous one ends at {}",
+                prev.next_offset()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Opens the last segment for appending: verifies every record, and decides
+/// what to do with any bytes past the last valid one.
+fn open_active(
+    dir: &Path,
+    base: u64,
+    options: &Options,
+    checkpoint_bound: u64,
+    report: &mut RecoveryReport,
+) -> Result<ActiveParts> {
+    let path = dir.join(segment::file_name(base, LOG_SUFFIX));
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(StorageError::io(&path))?;
+    let len = file.metadata().map_err(StorageError::io(&path))?.len();
+    if len < options.segment_bytes {
+        rustix::fs::fallocate(
+            &file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            options.segment_bytes,
+        )
+        .map_err(|e| StorageError::io(&path)(e.into()))?;
+    }
+    let capacity = len.max(options.segment_bytes) as usize;
+    let (scan, cut) = {
+        let view = SegmentMap::open_sealed(&file, capacity).map_err(StorageError::io(&path))?;
+        let bytes = view.bytes();
+        let scan = scan_segment(bytes, base, options.index_interval_bytes, true);
+        let cut = judge_tail(
+            &path,
+            &file,
+            bytes,
+            &scan,
+            options.recovery,
+            checkpoint_bound,
+            report,
+        )?;
+        (scan, cut)
+    };
+    report.records_verified += scan.records;
+    report.bytes_verified += scan.valid_end as u64;
+    let valid_end = scan.valid_end;
+    let (segment, mut map) =
+        Segment::active_from_scan(path, file, base, capacity, scan, options.write_path)?;
+    if let Some(dirty_end) = cut {
+        map.zero_to(dirty_end)
+            .map_err(StorageError::io(&segment.path))?;
+        segment::Segment::flush_to(&segment, dirty_end, options.flush_journal.as_ref())?;
+        report.bytes_truncated += (dirty_end - valid_end) as u64;
+    }
+    Ok((segment, map))
+}
+
+/// Decides the fate of bytes past the valid run of the active segment:
+/// `Ok(None)` nothing to do, `Ok(Some(end))` clear `[valid_end, end)`, or an
+/// error naming the damage.
+fn judge_tail(
+    path: &Path,
+    file: &File,
+    bytes: &[u8],
+    scan: &Scan,
+    mode: RecoveryMode,
+    checkpoint_bound: u64,
+    report: &mut RecoveryReport,
+) -> Result<Option<usize>> {
+    let dirty_end = segment::data_end(file, bytes, scan.valid_end);
+    let verdict = classify_tail(bytes, scan, dirty_end, checkpoint_bound);
+    let corrupt = |from: usize, why: String| StorageError::Corrupt {
+        file: path.to_path_buf(),
+        position: from as u64,
+        reason: why,
+    };
+    match (verdict, mode) {
+        (TailVerdict::Clean, _) => Ok(None),
+        (TailVerdict::Torn { from, reason, .. }, RecoveryMode::AbsoluteConsistency)
+        | (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::AbsoluteConsistency) => {
+            Err(corrupt(from, reason))
+        }
+        (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::TolerateTornTail) => Err(corrupt(
+            from,
+            format!("{reason}; not a torn tail (open with RecoveryMode::Repair to cut the log here)"),
+        )),
+        (TailVerdict::Torn { from, to, reason }, RecoveryMode::TolerateTornTail) => {
+            tracing::warn!(
+                segment = %path.display(),
+                position = from,
+                bytes = to - from,
+                %reason,
+                "truncated a torn tail"
+            );
+            Ok(Some(to))
+        }
+        (TailVerdict::Torn { from, to, reason }, RecoveryMode::Repair)
+        | (TailVerdict::Damaged { from, to, reason, .. }, RecoveryMode::Repair) => {
+            let note = format!("cut {} bytes at byte {from} of {}: {reason}", to - from, path.display());
+            tracing::error!("repair: {note}");
+            report.repaired = Some(note);
+            Ok(Some(to))
+        }
+    }
+}
+
+/// Loads the ids of the last `records_max` records into a fresh window.
+/// Refills the dedup window from the records still inside it: the last
+/// `records_max` offsets, less those older than `age_ms_max`. A sealed
+/// segment whose newest record is already too old is passed over whole, and
+/// the walk moves past its end, so the next segment is read from its own
+/// first offset (reading on from below a segment's base would find nothing
+/// and end the rebuild, leaving the window empty).
+fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64) -> DedupIndex {
+    let mut dedup = DedupIndex::new(options.dedup);
+    if !dedup.enabled() {
+        return dedup;
+    }
+    let start_offset = segments.first().map_or(0, |s| s.base_offset);
+    let mut offset = next_offset
+        .saturating_sub(options.dedup.records_max)
+        .max(start_offset);
+    let now = options.clock.now_ms();
+    let oldest_ms = now.saturating_sub(options.dedup.age_ms_max);
+    let mut batch: Vec<(u64, record::PeekedId)> = Vec::with_capacity(4096);
+    for segment in segments {
+        if segment.next_offset() <= offset {
+            continue;
+        }
+        if segment.last_timestamp_ms().is_some_and(|ts| ts < oldest_ms) {
+            offset = segment.next_offset();
+            continue;
+        }
+        offset = offset.max(segment.base_offset);
+        while offset < segment.next_offset() {
+            let Ok(Some(read)) = segment.read(offset, 4096, 4 << 20) else {
+                break;
+            };
+            let mut at = 0usize;
+            batch.clear();
+            while let Some(fields) = read.bytes.get(at..).and_then(record::peek_id) {
+                if fields.offset != offset {
+                    // Damage in a sealed segment (not re-verified at open):
+                    // reads of it will fail; the window just stops here.
+                    tracing::warn!(segment = %segment.path.display(), offset, "dedup rebuild stopped at a damaged record");
+                    break;
+                }
+                batch.push((dedup.hash(fields.id), fields));
+                at += fields.len;
+                offset += 1;
+            }
+            // As on the append path: prefetch a few ids ahead, so the
+            // table's cache misses overlap (a rebuild of 2 M ids was most
+            // of a restart's time without it).
+            for (hash, _) in batch.iter().take(DEDUP_PREFETCH_AHEAD) {
+                dedup.prefetch(*hash);
+            }
+            for (i, (hash, fields)) in batch.iter().enumerate() {
+                if let Some((ahead, _)) = batch.get(i + DEDUP_PREFETCH_AHEAD) {
+                    dedup.prefetch(*ahead);
+                }
+                dedup.insert_hashed(fields.id, *hash, fields.offset, fields.timestamp_ms);
+            }
+            if offset != read.next_offset {
+                break;
+            }
+        }
+        // Whatever stopped the walk inside this segment, the next one is
+        // read from its own base.
+        offset = offset.max(segment.next_offset());
+    }
+    dedup.expire(now);
+    dedup
+}
+
+/// Tries of the directory lock, 10 ms apart, before `Locked`.
+const LOCK_RETRIES: u32 = 50;
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(StorageError::io(&path))?;
+    // A lock can be held for a moment by a process that is not its owner:
+    // a child forked by any thread of this process shares the descriptor
+    // until it execs (CLOEXEC), so a log closed and reopened while another
+    // thread spawns a process can find its own old lock. Retry briefly
+    // before calling the directory taken.
+    let mut attempt = 0;
+    let locked = loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if attempt < LOCK_RETRIES => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    match locked {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(StorageError::Locked {
+                path,
+                holder: holder.trim().to_string(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(StorageError::io(path)(e)),
+    }
+    let me = format!("pid {}", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.write_all(me.as_bytes()))
+        .map_err(StorageError::io(&path))?;
+    Ok(file)
+}
+
+fn remove_temporary_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
+        let path = entry.map_err(StorageError::io(dir))?.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            fs::remove_file(&path).map_err(StorageError::io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Base offsets of the segment files in `dir`, in order.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
+        let entry = entry.map_err(StorageError::io(dir))?;
+        if let Some(base) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_log_file_name)
+        {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = fs::read(&path).ok()?;
+    match Checkpoint::decode(&bytes) {
+        Ok(cp) => Some(cp),
+        Err(reason) => {
+            // Only a bound for recovery: without it, the durable watermarks
+            // in the records still guard acknowledged data.
+            tracing::warn!(path = %path.display(), %reason, "ignoring an unreadable checkpoint");
+            None
+        }
+    }
+}
+
+pub(super) fn write_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<()> {
+    segment::write_file_synced(&dir.join(CHECKPOINT_FILE), &checkpoint.encode())
+}
+
+fn log_report(dir: &Path, report: &RecoveryReport) {
+    if report.created {
+        tracing::info!(dir = %dir.display(), "created a new log");
+    } else if report.bytes_truncated > 0 || report.repaired.is_some() || !report.clean_shutdown {
+        tracing::warn!(
+            dir = %dir.display(),
+            clean_shutdown = report.clean_shutdown,
+            segments = report.segments,
+            records_verified = report.records_verified,
+            bytes_verified = report.bytes_verified,
+            bytes_truncated = report.bytes_truncated,
+            indexes_rebuilt = report.indexes_rebuilt,
+            next_offset = report.next_offset,
+            duration_ms = report.duration.as_secs_f64() * 1000.0,
+            "recovered log"
+        );
+    } else {
+        tracing::info!(
+            dir = %dir.display(),
+            segments = report.segments,
+            next_offset = report.next_offset,
+            duration_ms = report.duration.as_secs_f64() * 1000.0,
+            "opened log"
+        );
+    }
+}
