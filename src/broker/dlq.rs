@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::{
-    foldhash_bytes, Broker, BrokerError, Topic, DLQ_HEADER_ATTEMPTS, DLQ_HEADER_GROUP,
+    foldhash_bytes, Broker, BrokerError, Invalid, Topic, DLQ_HEADER_ATTEMPTS, DLQ_HEADER_GROUP,
     DLQ_HEADER_OFFSET, DLQ_HEADER_PARTITION, DLQ_HEADER_TOPIC, DLQ_SUFFIX,
 };
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
@@ -47,9 +47,10 @@ fn original(headers: &[u8], name: &str) -> Option<String> {
 
 fn dead_letter_topic(broker: &Broker, name: &str) -> Result<Arc<Topic>, BrokerError> {
     if !name.ends_with(DLQ_SUFFIX) {
-        return Err(BrokerError::InvalidRequest(format!(
-            "{name:?} is not a dead-letter topic (its name does not end in {DLQ_SUFFIX:?})"
-        )));
+        return Err(Invalid::NotDeadLetterTopic {
+            name: name.to_owned(),
+        }
+        .into());
     }
     broker.topic(name)
 }
@@ -102,9 +103,12 @@ impl Broker {
         let record = match batch.iter().next() {
             Some(r) => r?,
             None => {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "{dlq} partition {partition} has no message at offset {offset}"
-                )))
+                return Err(Invalid::NoMessageAt {
+                    topic: dlq.to_owned(),
+                    partition,
+                    offset,
+                }
+                .into())
             }
         };
         let target_name = original(&record.headers, DLQ_HEADER_TOPIC)
@@ -130,8 +134,7 @@ impl Broker {
             .map(|(n, v)| (n.to_vec(), v.to_vec()))
             .collect();
         let refs: Vec<(&[u8], &[u8])> = kept.iter().map(|(n, v)| (&n[..], &v[..])).collect();
-        let headers =
-            encode_headers(&refs).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        let headers = encode_headers(&refs).map_err(|e| BrokerError::from(Invalid::Headers(e)))?;
         let mut seed = Vec::with_capacity(dlq.len() + 12);
         seed.extend_from_slice(dlq.as_bytes());
         seed.extend_from_slice(&partition.to_le_bytes());

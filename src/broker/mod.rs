@@ -82,7 +82,7 @@ pub enum BrokerError {
         partitions: u32,
     },
     #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    InvalidRequest(#[from] Invalid),
     #[error("invalid message: {0}")]
     InvalidMessage(StorageError),
     #[error("unknown subscription {0}")]
@@ -110,6 +110,29 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a request that decodes is still refused (INVALID_REQUEST).
+#[derive(Debug, Error)]
+pub enum Invalid {
+    #[error("a connection may hold at most {max} subscriptions")]
+    TooManySubscriptions { max: usize },
+    #[error("{name:?} is not a dead-letter topic (its name does not end in {DLQ_SUFFIX:?})")]
+    NotDeadLetterTopic { name: String },
+    #[error("{topic} partition {partition} has no message at offset {offset}")]
+    NoMessageAt {
+        topic: String,
+        partition: u32,
+        offset: u64,
+    },
+    #[error("the headers of the message to redrive: {0}")]
+    Headers(#[source] crate::log::record::RecordError),
+    #[error("{requested} partitions; at most {max}")]
+    Partitions { requested: u32, max: u32 },
+    #[error("transaction {txn_id:032x} belongs to producer group {group:?}")]
+    OtherGroup { txn_id: u128, group: String },
+    #[error("a transaction holds at most {max} messages")]
+    TxnTooLarge { max: usize },
 }
 
 impl BrokerError {
@@ -456,11 +479,14 @@ impl Broker {
                     })
                 })?;
                 if meta.partitions == 0 || meta.partitions > PARTITIONS_MAX {
-                    return Err(BrokerError::InvalidRequest(format!(
-                        "{}: {} partitions",
-                        meta_path.display(),
-                        meta.partitions
-                    )));
+                    return Err(BrokerError::Storage(StorageError::Corrupt {
+                        file: meta_path.clone(),
+                        position: 0,
+                        reason: format!(
+                            "{} partitions, expected 1..={PARTITIONS_MAX}",
+                            meta.partitions
+                        ),
+                    }));
                 }
                 meta
             }
@@ -542,9 +568,11 @@ impl Broker {
             req.partitions
         };
         if partitions > PARTITIONS_MAX {
-            return Err(BrokerError::InvalidRequest(format!(
-                "{partitions} partitions; at most {PARTITIONS_MAX}"
-            )));
+            return Err(Invalid::Partitions {
+                requested: partitions,
+                max: PARTITIONS_MAX,
+            }
+            .into());
         }
         let _guard = lock(&self.create_lock);
         if let Ok(existing) = self.topic(&req.topic) {

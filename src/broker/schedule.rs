@@ -44,7 +44,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::config::CrashPoint;
 use super::durability::DurabilityWaiter;
-use super::{Broker, BrokerError};
+use super::{Broker, BrokerError, Invalid};
 use crate::log::record::{InnerMsgId, Message};
 use crate::log::{Appended, Log, Options, Record};
 use crate::protocol::body::ProduceRequest;
@@ -507,15 +507,17 @@ impl Schedule {
                 )))
             }
             Some(t) if t.group != group => {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "transaction {txn_id:032x} belongs to producer group {:?}",
-                    t.group
-                )))
+                return Err(Invalid::OtherGroup {
+                    txn_id,
+                    group: t.group.clone(),
+                }
+                .into())
             }
             Some(t) if t.halves.len() + req.messages.len() > TXN_MESSAGES_MAX => {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "a transaction holds at most {TXN_MESSAGES_MAX} messages"
-                )))
+                return Err(Invalid::TxnTooLarge {
+                    max: TXN_MESSAGES_MAX,
+                }
+                .into())
             }
             Some(_) => {}
             None if s.finished.contains_key(&txn_id) => {
@@ -530,9 +532,10 @@ impl Schedule {
                 )))
             }
             None if req.messages.len() > TXN_MESSAGES_MAX => {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "a transaction holds at most {TXN_MESSAGES_MAX} messages"
-                )))
+                return Err(Invalid::TxnTooLarge {
+                    max: TXN_MESSAGES_MAX,
+                }
+                .into())
             }
             None => {}
         }

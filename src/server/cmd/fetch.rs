@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::broker_error;
-use crate::broker::{now_ms, Broker, BrokerError, Topic, DLQ_SUFFIX, EXPIRY_TICK_MS};
+use crate::broker::{now_ms, Broker, BrokerError, Invalid, Topic, DLQ_SUFFIX, EXPIRY_TICK_MS};
 use crate::protocol::body::{self, Credit, Fetch, Subscribe, ANY_PARTITION};
 use crate::protocol::frame::{self, FLAG_PUSH, FLAG_RESPONSE};
 use crate::protocol::{FrameHeader, Opcode, FRAME_HEADER_LEN};
@@ -66,9 +66,9 @@ pub(in crate::server) async fn subscribe(
         return Ok(());
     }
     if lock(&conn.subs).len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
-        let e = BrokerError::InvalidRequest(format!(
-            "a connection may hold at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions"
-        ));
+        let e = BrokerError::from(Invalid::TooManySubscriptions {
+            max: SUBSCRIPTIONS_PER_CONNECTION_MAX,
+        });
         conn.send(broker_error(&h, &e)).await;
         return Ok(());
     }
