@@ -18,8 +18,18 @@ pub use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: no certificate in the PEM file")]
     NoCertificate { path: PathBuf },
     #[error("TLS configuration: {0}")]
@@ -35,9 +45,9 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn pem_error(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError + '_ {
-    move |e| TlsError::Pem {
+    move |source| TlsError::Pem {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
     }
 }
 
@@ -102,14 +112,14 @@ impl ClientTls {
 
     /// As [`ClientTls::new`], reading the CA from a PEM file.
     pub fn from_ca_file(path: &Path, server_name: &str) -> Result<ClientTls, TlsError> {
-        let pem = std::fs::read(path).map_err(|e| TlsError::Pem {
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         ClientTls::new(&pem, server_name).map_err(|e| match e {
-            TlsError::Pem { message, .. } => TlsError::Pem {
+            TlsError::Pem { source, .. } => TlsError::Pem {
                 path: path.to_path_buf(),
-                message,
+                source,
             },
             TlsError::NoCertificate { .. } => TlsError::NoCertificate {
                 path: path.to_path_buf(),

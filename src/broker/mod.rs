@@ -101,9 +101,9 @@ pub enum BrokerError {
     #[error("unknown transaction {0:032x}")]
     UnknownTransaction(u128),
     #[error("{0}")]
-    TransactionDecided(String),
+    TransactionDecided(Decided),
     #[error("busy: {0}")]
-    Busy(String),
+    Busy(BusyReason),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -133,6 +133,31 @@ pub enum Invalid {
     OtherGroup { txn_id: u128, group: String },
     #[error("a transaction holds at most {max} messages")]
     TxnTooLarge { max: usize },
+}
+
+/// Why a transactional request comes too late (TRANSACTION_DECIDED).
+#[derive(Debug, Error)]
+pub enum Decided {
+    #[error("transaction {txn_id:032x} is being decided; no more halves")]
+    NoMoreHalves { txn_id: u128 },
+    #[error("transaction {txn_id:032x} is already decided")]
+    Already { txn_id: u128 },
+    #[error("transaction {txn_id:032x} was already {}", schedule::state_name(*.state))]
+    Otherwise {
+        txn_id: u128,
+        state: crate::protocol::txn::TxnState,
+    },
+}
+
+/// Which bounded table is full, or what is in progress (BUSY, retriable).
+#[derive(Debug, Error)]
+pub enum BusyReason {
+    #[error("{max} delayed messages are pending, the most the broker holds")]
+    DelayedFull { max: usize },
+    #[error("{max} transactions are open, the most the broker holds")]
+    TransactionsFull { max: usize },
+    #[error("transaction {txn_id:032x} is being decided")]
+    Deciding { txn_id: u128 },
 }
 
 impl BrokerError {

@@ -44,7 +44,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::config::CrashPoint;
 use super::durability::DurabilityWaiter;
-use super::{Broker, BrokerError, Invalid};
+use super::{Broker, BrokerError, BusyReason, Decided, Invalid};
 use crate::log::record::{InnerMsgId, Message};
 use crate::log::{Appended, Log, Options, Record};
 use crate::protocol::body::ProduceRequest;
@@ -453,10 +453,9 @@ impl Schedule {
         req: &ProduceRequest<'_>,
     ) -> Result<Appended, BrokerError> {
         if self.lock().timers.len() + req.messages.len() > self.limits.delayed_max {
-            return Err(BrokerError::Busy(format!(
-                "{} delayed messages are pending, the most the broker holds",
-                self.limits.delayed_max
-            )));
+            return Err(BrokerError::Busy(BusyReason::DelayedFull {
+                max: self.limits.delayed_max,
+            }));
         }
         let due_ms = self.now_ms() + delay_ms;
         let payloads: Vec<Vec<u8>> = req
@@ -502,9 +501,9 @@ impl Schedule {
         let mut s = self.lock();
         match s.txns.get(&txn_id) {
             Some(t) if t.phase != Phase::Open => {
-                return Err(BrokerError::TransactionDecided(format!(
-                    "transaction {txn_id:032x} is being decided; no more halves"
-                )))
+                return Err(BrokerError::TransactionDecided(Decided::NoMoreHalves {
+                    txn_id,
+                }))
             }
             Some(t) if t.group != group => {
                 return Err(Invalid::OtherGroup {
@@ -521,15 +520,12 @@ impl Schedule {
             }
             Some(_) => {}
             None if s.finished.contains_key(&txn_id) => {
-                return Err(BrokerError::TransactionDecided(format!(
-                    "transaction {txn_id:032x} is already decided"
-                )))
+                return Err(BrokerError::TransactionDecided(Decided::Already { txn_id }))
             }
             None if s.txns.len() >= self.limits.txn_open_max => {
-                return Err(BrokerError::Busy(format!(
-                    "{} transactions are open, the most the broker holds",
-                    self.limits.txn_open_max
-                )))
+                return Err(BrokerError::Busy(BusyReason::TransactionsFull {
+                    max: self.limits.txn_open_max,
+                }))
             }
             None if req.messages.len() > TXN_MESSAGES_MAX => {
                 return Err(Invalid::TxnTooLarge {
@@ -591,18 +587,16 @@ impl Schedule {
                         state: done,
                         placed: Vec::new(),
                     }),
-                    Some(&done) => Err(BrokerError::TransactionDecided(format!(
-                        "transaction {txn_id:032x} was already {}",
-                        state_name(done)
-                    ))),
+                    Some(&done) => Err(BrokerError::TransactionDecided(Decided::Otherwise {
+                        txn_id,
+                        state: done,
+                    })),
                     None => Err(BrokerError::UnknownTransaction(txn_id)),
                 };
             };
             match (t.phase, target) {
                 (Phase::Deciding, _) => {
-                    return Err(BrokerError::Busy(format!(
-                        "transaction {txn_id:032x} is being decided"
-                    )))
+                    return Err(BrokerError::Busy(BusyReason::Deciding { txn_id }))
                 }
                 (Phase::Decided(done), TxnState::Open) => {
                     return Ok(EndReply {
@@ -611,10 +605,10 @@ impl Schedule {
                     })
                 }
                 (Phase::Decided(done), _) if done != target => {
-                    return Err(BrokerError::TransactionDecided(format!(
-                        "transaction {txn_id:032x} was already {}",
-                        state_name(done)
-                    )))
+                    return Err(BrokerError::TransactionDecided(Decided::Otherwise {
+                        txn_id,
+                        state: done,
+                    }))
                 }
                 (Phase::Open, TxnState::Open) => {
                     t.next_check_ms = self.now_ms() + self.check_delay(t.checks);
@@ -1009,7 +1003,7 @@ fn marker(payload: &[u8]) -> Message<'_> {
     }
 }
 
-fn state_name(s: TxnState) -> &'static str {
+pub(super) fn state_name(s: TxnState) -> &'static str {
     match s {
         TxnState::Open => "open",
         TxnState::Committed => "committed",

@@ -204,7 +204,7 @@ pub fn connect_options(
             let name = name.clone().unwrap_or_else(|| addr.ip().to_string());
             Some(
                 bida::tls::ClientTls::from_ca_file(ca, &name)
-                    .map_err(|e| bida::client::ClientError::Invalid(e.to_string()))?,
+                    .map_err(|e| bida::client::ClientError::Tls(std::sync::Arc::new(e)))?,
             )
         }
     };

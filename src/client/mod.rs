@@ -58,9 +58,28 @@ pub enum ClientError {
         last: Box<ClientError>,
     },
     #[error("invalid message: {0}")]
-    Invalid(String),
+    Invalid(#[from] InvalidMessage),
+    #[error("the broker answered {answered} outcomes for {sent} messages")]
+    OutcomeCount { answered: usize, sent: usize },
+    #[error("no randomness for a producer id: {0}")]
+    NoRandomness(getrandom::Error),
+    #[error("TLS: {0}")]
+    Tls(Arc<crate::tls::TlsError>),
     #[error("the producer is closed")]
     ProducerClosed,
+}
+
+/// Why a message is refused before it is sent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("headers: {0}")]
+    Headers(#[from] crate::log::record::RecordError),
+    #[error("key of {len} bytes; at most 65535")]
+    KeyTooLong { len: usize },
+    #[error("payload of {len} bytes; at most 4 GiB")]
+    PayloadTooLarge { len: usize },
+    #[error("{0}")]
+    Name(#[from] crate::protocol::body::NameError),
 }
 
 impl From<std::io::Error> for ClientError {

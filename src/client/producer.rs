@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{Client, ClientError, Connection};
+use super::{Client, ClientError, Connection, InvalidMessage};
 use crate::log::record::{encode_headers, InnerMsgId};
 use crate::protocol::body::{encode_produce_message, ProduceReply, TopicConfig};
 use crate::protocol::{KeyHash, Opcode, Put};
@@ -120,16 +120,17 @@ pub(crate) fn encode_message(
         .iter()
         .map(|(n, v)| (n.as_bytes(), &v[..]))
         .collect();
-    let headers = encode_headers(&pairs).map_err(|e| ClientError::Invalid(e.to_string()))?;
-    if msg
-        .key
-        .as_ref()
-        .is_some_and(|k| k.len() > u16::MAX as usize)
-    {
-        return Err(ClientError::Invalid("key longer than 65535 bytes".into()));
+    let headers = encode_headers(&pairs).map_err(InvalidMessage::Headers)?;
+    if let Some(len) = msg.key.as_ref().map(|k| k.len()) {
+        if len > u16::MAX as usize {
+            return Err(InvalidMessage::KeyTooLong { len }.into());
+        }
     }
     if msg.payload.len() > u32::MAX as usize {
-        return Err(ClientError::Invalid("payload over 4 GiB".into()));
+        return Err(InvalidMessage::PayloadTooLarge {
+            len: msg.payload.len(),
+        }
+        .into());
     }
     encode_produce_message(id, msg.key.as_deref(), &headers, &msg.payload, out);
     Ok(())
@@ -138,8 +139,7 @@ pub(crate) fn encode_message(
 /// A fresh random 64-bit producer id.
 pub(crate) fn random_u64() -> Result<u64, ClientError> {
     let mut id = [0u8; 8];
-    getrandom::fill(&mut id)
-        .map_err(|e| ClientError::Invalid(format!("no randomness for a producer id: {e}")))?;
+    getrandom::fill(&mut id).map_err(ClientError::NoRandomness)?;
     Ok(u64::from_le_bytes(id))
 }
 
@@ -510,10 +510,10 @@ impl Shared {
                     drop(permit);
                     let reply = ProduceReply::decode(&reply)?;
                     if reply.outcomes.len() != count {
-                        return Err(ClientError::Invalid(format!(
-                            "the broker answered {} outcomes for {count} messages",
-                            reply.outcomes.len()
-                        )));
+                        return Err(ClientError::OutcomeCount {
+                            answered: reply.outcomes.len(),
+                            sent: count,
+                        });
                     }
                     return Ok(reply);
                 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::producer::{encode_message, random_u64};
-use super::{Client, ClientError, OutgoingMessage, RetryBackoff};
+use super::{Client, ClientError, InvalidMessage, OutgoingMessage, RetryBackoff};
 use crate::log::record::InnerMsgId;
 use crate::protocol::body::{ProduceOutcome, ProduceReply, TopicConfig, ANY_PARTITION};
 use crate::protocol::txn::{encode_delayed_prefix, encode_end, encode_half_prefix};
@@ -153,11 +153,10 @@ pub async fn send_delayed(
         let reply = request_with_retry(client, Opcode::ProduceDelayed, &body, retry).await?;
         let reply = ProduceReply::decode(&reply)?;
         if reply.outcomes.len() != indexes.len() {
-            return Err(ClientError::Invalid(format!(
-                "the broker answered {} outcomes for {} messages",
-                reply.outcomes.len(),
-                indexes.len()
-            )));
+            return Err(ClientError::OutcomeCount {
+                answered: reply.outcomes.len(),
+                sent: indexes.len(),
+            });
         }
         for ((i, id), o) in indexes.into_iter().zip(sent_ids).zip(reply.outcomes) {
             out[i] = Some((id, o));
@@ -216,8 +215,7 @@ impl TransactionalProducer {
         group: &str,
         checker: impl Fn(&Check) -> Decision + Send + Sync + 'static,
     ) -> Result<TransactionalProducer, ClientError> {
-        crate::protocol::body::check_name("group", group)
-            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        crate::protocol::body::check_name("group", group).map_err(InvalidMessage::Name)?;
         let checker: Checker = Arc::new(checker);
         // Registered before returning, so a check can reach us at once.
         let first = client

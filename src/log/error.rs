@@ -29,8 +29,13 @@ pub enum StorageError {
         reason: String,
     },
 
-    #[error("invalid options: {0}")]
-    InvalidOptions(String),
+    #[error("invalid option {option}: expected {expected}, found {found}")]
+    InvalidOptions {
+        /// The field of [`Options`](super::Options), dotted for nested ones.
+        option: &'static str,
+        expected: Bound,
+        found: u64,
+    },
 
     #[error("message {index} of the batch is invalid: {reason}")]
     InvalidMessage { index: usize, reason: RecordError },
@@ -46,6 +51,33 @@ pub enum StorageError {
 
     #[error("the log is closed")]
     Closed,
+}
+
+/// What an option must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Range {
+        min: u64,
+        max: u64,
+    },
+    AtMost(u64),
+    /// At most `segment_bytes`, this many.
+    FitsInSegment(u64),
+    Positive,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Range { min, max } => write!(f, "{min}..={max}"),
+            Bound::AtMost(max) => write!(f, "at most {max}"),
+            Bound::FitsInSegment(max) => write!(
+                f,
+                "at most segment_bytes, {max} (a record that does not fit in a segment could never be stored)"
+            ),
+            Bound::Positive => f.write_str("a positive value"),
+        }
+    }
 }
 
 impl StorageError {

@@ -51,7 +51,7 @@ use crossbeam_channel::Sender;
 
 pub use clock::Clock;
 pub use dedup::DedupIndex;
-pub use error::{Result, StorageError};
+pub use error::{Bound, Result, StorageError};
 pub use journal::FlushJournal;
 pub use options::{
     DedupWindow, FlushMode, Options, Preallocate, RecoveryMode, Retention, WritePath,

@@ -1,7 +1,7 @@
 //! Every knob of the storage engine, in one place, with its default.
 
 use super::clock::Clock;
-use super::error::{Result, StorageError};
+use super::error::{Bound, Result, StorageError};
 use super::journal::FlushJournal;
 use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
 
@@ -202,52 +202,75 @@ impl Default for Options {
 impl Options {
     /// Rejects values that cannot work together, saying which and why.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(StorageError::InvalidOptions(msg));
+        let bad = |option, expected, found| {
+            Err(StorageError::InvalidOptions {
+                option,
+                expected,
+                found,
+            })
+        };
+        let positive = |option, found: u64| {
+            if found == 0 {
+                bad(option, Bound::Positive, 0)
+            } else {
+                Ok(())
+            }
+        };
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
-            return bad(format!(
-                "segment_bytes {} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
-                self.segment_bytes
-            ));
+            return bad(
+                "segment_bytes",
+                Bound::Range {
+                    min: SEGMENT_BYTES_MIN,
+                    max: SEGMENT_BYTES_MAX,
+                },
+                self.segment_bytes,
+            );
         }
-        let record_max = self.record_bytes_max as u64;
+        let record_max = u64::from(self.record_bytes_max);
         if record_max < RECORD_HEADER_LEN as u64 || record_max > RECORD_BYTES_MAX as u64 {
-            return bad(format!(
-                "record_bytes_max {record_max} is outside {RECORD_HEADER_LEN}..={RECORD_BYTES_MAX}"
-            ));
+            return bad(
+                "record_bytes_max",
+                Bound::Range {
+                    min: RECORD_HEADER_LEN as u64,
+                    max: RECORD_BYTES_MAX as u64,
+                },
+                record_max,
+            );
         }
         if record_max > self.segment_bytes {
-            return bad(format!(
-                "record_bytes_max {record_max} does not fit in segment_bytes {}",
-                self.segment_bytes
-            ));
+            return bad(
+                "record_bytes_max",
+                Bound::FitsInSegment(self.segment_bytes),
+                record_max,
+            );
         }
-        if self.index_interval_bytes == 0 {
-            return bad("index_interval_bytes must be positive".into());
-        }
-        if self.segment_age_ms == 0 {
-            return bad("segment_age_ms must be positive".into());
-        }
+        positive("index_interval_bytes", u64::from(self.index_interval_bytes))?;
+        positive("segment_age_ms", self.segment_age_ms)?;
         if let FlushMode::Async { interval_ms, bytes } = self.flush {
-            if interval_ms == 0 || bytes == 0 {
-                return bad(format!(
-                    "async flush needs a positive interval and byte threshold, got {interval_ms} ms and {bytes} bytes"
-                ));
-            }
+            positive("flush (async) interval_ms", interval_ms)?;
+            positive("flush (async) bytes", bytes)?;
         }
         if self.dedup.records_max > DEDUP_RECORDS_MAX {
-            return bad(format!(
-                "dedup.records_max {} exceeds {DEDUP_RECORDS_MAX}",
-                self.dedup.records_max
-            ));
+            return bad(
+                "dedup.records_max",
+                Bound::AtMost(DEDUP_RECORDS_MAX),
+                self.dedup.records_max,
+            );
         }
-        if self.dedup.records_max > 0 && self.dedup.age_ms_max == 0 {
-            return bad("dedup.age_ms_max must be positive when dedup is on".into());
+        if self.dedup.records_max > 0 {
+            positive("dedup.age_ms_max", self.dedup.age_ms_max)?;
         }
-        if self.retention_check_interval_ms == 0 {
-            return bad("retention_check_interval_ms must be positive".into());
+        positive(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+        )?;
+        // A limit of zero would delete every sealed segment at once; no
+        // limit is None.
+        if let Some(max) = self.retention.bytes_max {
+            positive("retention.bytes_max", max)?;
         }
-        if self.retention.bytes_max == Some(0) || self.retention.age_ms_max == Some(0) {
-            return bad("a retention limit of zero would delete every sealed segment at once; use None for no limit".into());
+        if let Some(max) = self.retention.age_ms_max {
+            positive("retention.age_ms_max", max)?;
         }
         Ok(())
     }
