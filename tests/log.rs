@@ -890,3 +890,102 @@ fn append_one_by_one_from(log: &Log, first: u64, count: u64, len: usize) {
         assert_eq!(log.append_acked(&[msg]).unwrap().outcomes[0].offset, i);
     }
 }
+
+/// A crash in a roll after the next segment's file was renamed into place
+/// and before the old segment's flush ended (a power cut then tears the
+/// old segment's unflushed tail, and the new file holds nothing): open
+/// drops the empty last segment, reopens the old one as the active one and
+/// cuts its torn tail. Before, it refused to start ("corrupt data": the
+/// old segment was taken for a sealed one).
+#[test]
+fn a_roll_cut_short_by_a_power_cut_is_undone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let log = Log::open(dir.path(), options()).unwrap();
+        let w = append_one_by_one(&log, 400, 300);
+        log.close().unwrap();
+        w
+    };
+    let segments: Vec<u64> = {
+        let log = Log::open(dir.path(), options()).unwrap();
+        let s = log.segments().iter().map(|s| s.base_offset).collect();
+        log.close().unwrap();
+        s
+    };
+    assert!(segments.len() >= 3, "{segments:?}");
+    let (old, new) = (segments[segments.len() - 2], segments[segments.len() - 1]);
+    // The state the crash leaves: the old segment unsealed (full length, no
+    // index files) with a torn tail after its first 10 records, the new
+    // one an empty preallocated file, no checkpoint past the old durable
+    // end.
+    let old_file = log_file(dir.path(), old);
+    let keep = {
+        let bytes = std::fs::read(&old_file).unwrap();
+        let mut at = 0usize;
+        for _ in 0..10 {
+            at += u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        at
+    };
+    set_file_len(&old_file, keep as u64);
+    set_file_len(&old_file, options().segment_bytes);
+    patch_file(&old_file, keep as u64, &[0xA5; 700]);
+    for suffix in ["index", "timeindex"] {
+        std::fs::remove_file(dir.path().join(format!("{old:020}.{suffix}"))).unwrap();
+    }
+    let new_file = log_file(dir.path(), new);
+    set_file_len(&new_file, 0);
+    set_file_len(&new_file, options().segment_bytes);
+    std::fs::remove_file(dir.path().join("CHECKPOINT")).unwrap();
+
+    let log = Log::open(dir.path(), options()).unwrap();
+    let report = log.recovery_report().clone();
+    assert!(report.roll_resumed, "{report:?}");
+    assert!(!new_file.exists(), "the empty last segment is removed");
+    let records = read_all(&log);
+    let expected = old as usize + 10;
+    assert_eq!(records.len(), expected, "everything before the tear");
+    for (i, (r, p)) in records.iter().zip(&written).enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(&r.payload[..], &p[..]);
+    }
+    // Appends go on at the cut, and a reopen is clean.
+    let p = payload(9999, 300);
+    let next = log
+        .append_acked(&[Message {
+            id: id(9999),
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap()
+        .outcomes[0]
+        .offset;
+    assert_eq!(next, expected as u64);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), options()).unwrap();
+    assert_eq!(read_all(&log).len(), expected + 1);
+    log.close().unwrap();
+
+    // A last segment that holds a record means the old one was whole: a
+    // torn old segment is then damage, and open still refuses it.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(dir.path(), options()).unwrap();
+        append_one_by_one(&log, 400, 300);
+        log.close().unwrap();
+    }
+    let log = Log::open(dir.path(), options()).unwrap();
+    let bases: Vec<u64> = log.segments().iter().map(|s| s.base_offset).collect();
+    log.close().unwrap();
+    let old = bases[bases.len() - 2];
+    let old_file = log_file(dir.path(), old);
+    set_file_len(&old_file, options().segment_bytes);
+    patch_file(&old_file, 4096, &[0xA5; 700]);
+    for suffix in ["index", "timeindex"] {
+        std::fs::remove_file(dir.path().join(format!("{old:020}.{suffix}"))).unwrap();
+    }
+    assert!(matches!(
+        Log::open(dir.path(), options()),
+        Err(StorageError::Corrupt { .. })
+    ));
+}

@@ -169,6 +169,25 @@ fn open_segments(
                 }
                 segments.push(segment);
             }
+            Err(StorageError::Corrupt { .. })
+                if i + 2 == bases.len() && roll_cut_short(dir, base, bases[i + 1])? =>
+            {
+                // A crash in a roll, after the next segment's file was
+                // renamed into place and before this one's flush ended:
+                // this segment's tail was never durable (so never acked),
+                // and the next one holds nothing. Drop the empty one; this
+                // one is the active segment again, its tail judged below
+                // like any torn tail.
+                remove_segment_files(dir, bases[i + 1])?;
+                tracing::warn!(
+                    dir = %dir.display(),
+                    base_offset = base,
+                    "a roll was cut short: reopening the segment before the empty last one as the active one"
+                );
+                report.roll_resumed = true;
+                active_base = base;
+                break;
+            }
             Err(e @ StorageError::Corrupt { .. }) if options.recovery == RecoveryMode::Repair => {
                 // Drop every later segment; this one becomes the active one
                 // and is cut at its first invalid record below.
@@ -203,6 +222,25 @@ fn open_segments(
     }
     segments.push(Arc::clone(&active));
     Ok((segments, (active, map)))
+}
+
+/// True when the segment at `base` is the one a roll left unflushed: it
+/// was never sealed (no index file) and the segment after it, the last,
+/// holds no record (its first length field is zero, as a fresh file is).
+/// Records go into a new segment only once the roll's flush of the old one
+/// has ended, so a record there would mean the old one is whole.
+fn roll_cut_short(dir: &Path, base: u64, last_base: u64) -> Result<bool> {
+    if dir
+        .join(segment::file_name(base, segment::INDEX_SUFFIX))
+        .exists()
+    {
+        return Ok(false);
+    }
+    let path = dir.join(segment::file_name(last_base, LOG_SUFFIX));
+    let mut head = [0u8; 4];
+    let mut file = File::open(&path).map_err(StorageError::io(&path))?;
+    let read = file.read(&mut head).map_err(StorageError::io(&path))?;
+    Ok(read < head.len() || head == [0; 4])
 }
 
 fn check_continuity(previous: Option<&Arc<Segment>>, base: u64, path: &Path) -> Result<()> {

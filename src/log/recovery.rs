@@ -336,6 +336,9 @@ pub struct RecoveryReport {
     pub repaired: Option<String>,
     /// Segments whose index files were rebuilt from the log.
     pub indexes_rebuilt: usize,
+    /// A roll cut short by a crash was undone: the empty last segment was
+    /// removed and the one before it reopened as the active one.
+    pub roll_resumed: bool,
     pub next_offset: u64,
     pub duration: Duration,
 }
