@@ -624,45 +624,58 @@ pub fn decode_messages<'a>(r: &mut Reader<'a>) -> Result<Vec<Message<'a>>, WireE
     let n = r.count("messages", PRODUCE_MESSAGES_MAX, PRODUCE_MESSAGE_MIN)?;
     let mut messages = Vec::with_capacity(n);
     for _ in 0..n {
-        let flags_at = r.position();
-        let flags = r.u8()?;
-        if flags & !MESSAGE_HAS_KEY != 0 {
-            return Err(WireError::Malformed {
-                field: "message flags",
-                offset: flags_at,
-                problem: Problem::UnknownBits {
-                    known: u64::from(MESSAGE_HAS_KEY),
-                    found: u64::from(flags),
-                },
-            });
-        }
+        let flags = decode_key_flags(r, "message flags")?;
         let id = InnerMsgId(r.u128()?);
-        let key_len_at = r.position();
-        let key_len = r.u16()? as usize;
-        let key = r.bytes(key_len)?;
-        if flags & MESSAGE_HAS_KEY == 0 && key_len != 0 {
-            // Key bytes without the key flag.
-            return Err(WireError::Malformed {
-                field: "key_len",
-                offset: key_len_at,
-                problem: Problem::NotEqual {
-                    expected: 0,
-                    found: key_len as u64,
-                },
-            });
-        }
+        let key = decode_key(r, flags)?;
         let headers_len = r.u32()? as usize;
         let headers = r.bytes(headers_len)?;
         let payload_len = r.u32()? as usize;
         let payload = r.bytes(payload_len)?;
         messages.push(Message {
             id,
-            key: (flags & MESSAGE_HAS_KEY != 0).then_some(key),
+            key,
             headers,
             payload,
         });
     }
     Ok(messages)
+}
+
+/// A flags byte whose only defined bit is [`MESSAGE_HAS_KEY`] (a message
+/// of PRODUCE, a TXN_CHECK); `field` names it in the error.
+pub(super) fn decode_key_flags(r: &mut Reader<'_>, field: &'static str) -> Result<u8, WireError> {
+    let offset = r.position();
+    let flags = r.u8()?;
+    if flags & !MESSAGE_HAS_KEY != 0 {
+        return Err(WireError::Malformed {
+            field,
+            offset,
+            problem: Problem::UnknownBits {
+                known: u64::from(MESSAGE_HAS_KEY),
+                found: u64::from(flags),
+            },
+        });
+    }
+    Ok(flags)
+}
+
+/// `u16 key_len` and the key bytes, the key only if `flags` has
+/// [`MESSAGE_HAS_KEY`]; key bytes without the flag are malformed.
+pub(super) fn decode_key<'a>(r: &mut Reader<'a>, flags: u8) -> Result<Option<&'a [u8]>, WireError> {
+    let offset = r.position();
+    let key_len = r.u16()? as usize;
+    let key = r.bytes(key_len)?;
+    if flags & MESSAGE_HAS_KEY == 0 && key_len != 0 {
+        return Err(WireError::Malformed {
+            field: "key_len",
+            offset,
+            problem: Problem::NotEqual {
+                expected: 0,
+                found: key_len as u64,
+            },
+        });
+    }
+    Ok((flags & MESSAGE_HAS_KEY != 0).then_some(key))
 }
 
 /// The fate of one produced message.

@@ -17,7 +17,8 @@
 //! ```
 
 use super::body::{
-    decode_messages, ProduceRequest, GROUP_NAME_MAX, MESSAGE_HAS_KEY, TOPIC_NAME_MAX,
+    decode_key, decode_key_flags, decode_messages, ProduceRequest, GROUP_NAME_MAX, MESSAGE_HAS_KEY,
+    TOPIC_NAME_MAX,
 };
 use super::{Problem, Put, Reader, WireError};
 use crate::log::record::Message;
@@ -245,32 +246,8 @@ impl Check {
         let check = r.u32()?;
         let topic = r.str("topic", TOPIC_NAME_MAX)?.to_owned();
         let messages = r.u32()?;
-        let flags_at = r.position();
-        let flags = r.u8()?;
-        if flags & !MESSAGE_HAS_KEY != 0 {
-            return Err(WireError::Malformed {
-                field: "flags",
-                offset: flags_at,
-                problem: Problem::UnknownBits {
-                    known: u64::from(MESSAGE_HAS_KEY),
-                    found: u64::from(flags),
-                },
-            });
-        }
-        let key_len_at = r.position();
-        let key_len = r.u16()? as usize;
-        let key = r.bytes(key_len)?;
-        if flags & MESSAGE_HAS_KEY == 0 && key_len != 0 {
-            // Key bytes without the key flag.
-            return Err(WireError::Malformed {
-                field: "key_len",
-                offset: key_len_at,
-                problem: Problem::NotEqual {
-                    expected: 0,
-                    found: key_len as u64,
-                },
-            });
-        }
+        let flags = decode_key_flags(&mut r, "flags")?;
+        let key = decode_key(&mut r, flags)?.map(<[u8]>::to_vec);
         let headers_len = r.u32()? as usize;
         let headers = r.bytes(headers_len)?.to_vec();
         r.finish()?;
@@ -280,7 +257,7 @@ impl Check {
             check,
             topic,
             messages,
-            key: (flags & MESSAGE_HAS_KEY != 0).then(|| key.to_vec()),
+            key,
             headers,
         })
     }

@@ -8,7 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::broker::config::same_secret;
 use crate::protocol::body::{Hello, HelloReply};
-use crate::protocol::{frame, FrameHeader, Problem, WireError};
+use crate::protocol::{frame, FrameHeader, Reader, WireError};
 use crate::server::conn::{Conn, Fatal};
 
 pub(super) async fn hello(
@@ -51,18 +51,8 @@ pub(super) async fn ping(
     body: Bytes,
     _permit: OwnedSemaphorePermit,
 ) -> Result<(), Fatal> {
-    if !body.is_empty() {
-        // PING has an empty body.
-        return Err(WireError::Malformed {
-            field: "body length",
-            offset: 0,
-            problem: Problem::NotEqual {
-                expected: 0,
-                found: body.len() as u64,
-            },
-        }
-        .into());
-    }
+    // PING has an empty body.
+    Reader::new(&body).finish()?;
     conn.send(conn.reply(&h, |_| {})).await;
     Ok(())
 }

@@ -7,7 +7,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::broker_error;
 use crate::protocol::body::{self, GroupPartition, TopicSummary};
-use crate::protocol::{FrameHeader, Opcode, Problem, WireError};
+use crate::protocol::{FrameHeader, Opcode, Reader};
 use crate::server::conn::{Conn, Fatal};
 
 pub(super) async fn handle(
@@ -28,18 +28,8 @@ pub(super) async fn handle(
             }
         }
         Opcode::ListTopics => {
-            if !body.is_empty() {
-                // LIST_TOPICS has an empty body.
-                return Err(WireError::Malformed {
-                    field: "body length",
-                    offset: 0,
-                    problem: Problem::NotEqual {
-                        expected: 0,
-                        found: body.len() as u64,
-                    },
-                }
-                .into());
-            }
+            // LIST_TOPICS has an empty body.
+            Reader::new(&body).finish()?;
             let list = broker.list_topics();
             conn.reply(&h, |o| TopicSummary::encode_list(&list, o))
         }
