@@ -172,12 +172,13 @@ fn open_segments(
             Err(StorageError::Corrupt { .. })
                 if i + 2 == bases.len() && roll_cut_short(dir, base, bases[i + 1])? =>
             {
-                // A crash in a roll, after the next segment's file was
-                // renamed into place and before this one's flush ended:
-                // this segment's tail was never durable (so never acked),
-                // and the next one holds nothing. Drop the empty one; this
-                // one is the active segment again, its tail judged below
-                // like any torn tail.
+                // A crash in a roll of a log written before rolls flushed
+                // the old segment first: the next segment's file was
+                // renamed into place before this one's flush ended, so
+                // this segment's tail was never durable (never acked) and
+                // the next one holds nothing. Drop the empty one; this one
+                // is the active segment again, its tail judged below like
+                // any torn tail. Rolls now flush first and never leave it.
                 remove_segment_files(dir, bases[i + 1])?;
                 tracing::warn!(
                     dir = %dir.display(),

@@ -166,16 +166,30 @@ impl Inner {
         }
     }
 
-    /// Starts a new segment at the next offset: the prepared spare renamed
-    /// into place (or a file created now if none is ready), the old segment
-    /// flushed, so nothing is ever durable in the new segment while the end
-    /// of the old one is not. The old segment's seal (index files,
-    /// truncation: three more fsyncs) is left to the background thread;
-    /// a crash before it is done leaves a segment that open seals.
+    /// Starts a new segment at the next offset: the old segment flushed
+    /// first, then the prepared spare renamed into place (or a file created
+    /// now if none is ready). So a segment file exists after the old one
+    /// only once every byte of the old one is durable: a crash at any point
+    /// leaves either the old segment last, its tail judged as any active
+    /// tail, or a whole old segment before an empty new one. The old
+    /// segment's seal (index files, truncation: three more fsyncs) is left
+    /// to the background thread; a crash before it is done leaves a
+    /// segment that open seals.
     pub(super) fn roll(&self, w: &mut Writer) -> Result<()> {
         // One seal pending at a time.
         self.finish_seal();
+        if let Err(e) = w
+            .active
+            .flush_to(w.map.cursor(), self.options.flush_journal.as_ref())
+        {
+            // The old segment may not be durable; nothing more may be acked.
+            let cause = Arc::new(e);
+            w.broken = Some(Arc::clone(&cause));
+            self.group.fail(Arc::clone(&cause));
+            return Err(StorageError::Failed(cause));
+        }
         let base = w.next_offset;
+        self.group.advance(base);
         let (capacity, write_path) = (self.options.segment_bytes, self.options.write_path);
         let spare = lock(&self.spare).take();
         let created = match spare {
@@ -189,14 +203,6 @@ impl Inner {
         let (segment, map) = created?;
         let old_map = std::mem::replace(&mut w.map, map);
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
-        if let Err(e) = old.flush_to(old_map.cursor(), self.options.flush_journal.as_ref()) {
-            // The old segment may not be durable; nothing more may be acked.
-            let cause = Arc::new(e);
-            w.broken = Some(Arc::clone(&cause));
-            self.group.fail(Arc::clone(&cause));
-            return Err(StorageError::Failed(cause));
-        }
-        self.group.advance(base);
         write(&self.segments).push(segment);
         *lock(&self.unsealed) = Some((old, old_map));
         if !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
