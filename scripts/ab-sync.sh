@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Sync produce, 100 B, of any number of `bida serve` binaries in turn
+# Produce, 100 B, sync (or FLUSH=async), of any number of `bida serve`
+# binaries in turn
 # (A, B, C, A, B, C, ...), a fresh broker and data directory for every run,
 # one client binary (CLIENT, default the last BIN): `bida bench --count
 # 4000000 --consumers 0` (1 producer, batches of 1,000, 1 partition).
 # Prints `binary run msgs/s` per run, then each binary's median.
-# Usage: [CLIENT=BIN] scripts/ab-sync.sh RUNS BIN [BIN ...]
+# Usage: [CLIENT=BIN] [FLUSH=async] scripts/ab-sync.sh RUNS BIN [BIN ...]
 set -uo pipefail
 runs="$1"; shift; bins=("$@"); client="${CLIENT:-${bins[-1]}}"; port=17983
 out="$(mktemp)"
 for i in $(seq "$runs"); do
   for bin in "${bins[@]}"; do
     dir=$(mktemp -d -p "${TMPDIR:-/tmp}" bida-ab.XXXXXX)
-    BIDA_LOG=warn "$bin" serve --admin-listen off --data "$dir" --listen 127.0.0.1:$port --flush sync > /dev/null &
+    BIDA_LOG=warn "$bin" serve --admin-listen off --data "$dir" --listen 127.0.0.1:$port --flush "${FLUSH:-sync}" > /dev/null &
     broker=$!
     for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
     v=$("$client" bench --broker 127.0.0.1:$port --json --count 4000000 --consumers 0 |
