@@ -2,7 +2,7 @@
 //! nothing new.
 //!
 //! ```text
-//!  ring (by offset, 16 B per record, allocated in 1 MiB chunks)
+//!  ring (by offset, 16 B per record, in chunks of up to 1 MiB, smaller for small windows)
 //!   start                                                      end
 //!   | id | id | 0 | id | ... ........................ | id | id |
 //!
@@ -52,8 +52,10 @@ use super::mmap::prefetch;
 use super::options::DedupWindow;
 use super::record::InnerMsgId;
 
-/// Ids per ring chunk (1 MiB of ids).
+/// Ids per ring chunk (1 MiB of ids), for windows at least this large.
 const CHUNK: u64 = 1 << 16;
+/// Ids per ring chunk of the smallest windows.
+const CHUNK_MIN: u64 = 1 << 10;
 /// Ring chunks kept for reuse after they leave the window.
 const FREE_CHUNKS_MAX: usize = 2;
 /// Offsets per age block: the granularity of expiry by age.
@@ -117,7 +119,7 @@ impl DedupIndex {
         DedupIndex {
             window,
             hasher: foldhash::fast::RandomState::default(),
-            ring: Ring::default(),
+            ring: Ring::new(window.records_max),
             current: Generation::new(TABLE_SLOTS_MIN, 0),
             previous: None,
             spare: None,
@@ -281,9 +283,12 @@ impl DedupIndex {
 
 #[derive(Default)]
 struct Ring {
+    /// Ids per chunk: a power of two, at most `CHUNK`, no larger than the
+    /// window needs (a small window does not zero a megabyte).
+    chunk_len: u64,
     start: u64,
     end: u64,
-    /// Chunk number (offset / CHUNK) of `chunks[0]`.
+    /// Chunk number (offset / chunk_len) of `chunks[0]`.
     first_chunk: u64,
     chunks: VecDeque<Box<[u128]>>,
     /// Block number (offset / AGE_BLOCK) of `block_ts[0]`.
@@ -298,14 +303,21 @@ struct Ring {
 }
 
 impl Ring {
+    fn new(records_max: u64) -> Ring {
+        Ring {
+            chunk_len: records_max.next_power_of_two().clamp(CHUNK_MIN, CHUNK),
+            ..Ring::default()
+        }
+    }
+
     fn get(&self, offset: u64) -> Option<u128> {
         if offset < self.start || offset >= self.end {
             return None;
         }
         let chunk = self
             .chunks
-            .get((offset / CHUNK - self.first_chunk) as usize)?;
-        chunk.get((offset % CHUNK) as usize).copied()
+            .get((offset / self.chunk_len - self.first_chunk) as usize)?;
+        chunk.get((offset % self.chunk_len) as usize).copied()
     }
 
     /// The full offset whose low 31 bits are `low`, if still in the window.
@@ -325,21 +337,22 @@ impl Ring {
             *self = Ring {
                 start: offset,
                 end: offset,
-                first_chunk: offset / CHUNK,
+                first_chunk: offset / self.chunk_len,
+                chunk_len: self.chunk_len,
                 first_block: offset / AGE_BLOCK,
                 free,
                 ..Ring::default()
             };
         }
-        let chunk_index = (offset / CHUNK - self.first_chunk) as usize;
+        let chunk_index = (offset / self.chunk_len - self.first_chunk) as usize;
         while self.chunks.len() <= chunk_index {
             let chunk = self
                 .free
                 .pop()
-                .unwrap_or_else(|| vec![0u128; CHUNK as usize].into_boxed_slice());
+                .unwrap_or_else(|| vec![0u128; self.chunk_len as usize].into_boxed_slice());
             self.chunks.push_back(chunk);
         }
-        self.chunks[chunk_index][(offset % CHUNK) as usize] = id;
+        self.chunks[chunk_index][(offset % self.chunk_len) as usize] = id;
         let block_index = (offset / AGE_BLOCK - self.first_block) as usize;
         while self.block_ts.len() <= block_index {
             self.block_ts.push_back(0);
@@ -369,7 +382,7 @@ impl Ring {
                 break;
             }
         }
-        while (self.first_chunk + 1) * CHUNK <= self.start && !self.chunks.is_empty() {
+        while (self.first_chunk + 1) * self.chunk_len <= self.start && !self.chunks.is_empty() {
             if let Some(chunk) = self.chunks.pop_front() {
                 if self.free.len() < FREE_CHUNKS_MAX {
                     self.free.push(chunk);
@@ -380,7 +393,8 @@ impl Ring {
     }
 
     fn bytes_used(&self) -> usize {
-        (self.chunks.len() + self.free.len()) * CHUNK as usize * 16 + self.block_ts.capacity() * 8
+        (self.chunks.len() + self.free.len()) * self.chunk_len as usize * 16
+            + self.block_ts.capacity() * 8
     }
 }
 

@@ -7,9 +7,9 @@
 //! is judged exactly as `Log::open` would under `TolerateTornTail`.
 
 use std::fmt;
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use super::disk::Disk;
 use super::error::{Result, StorageError};
 use super::mmap::SegmentMap;
 use super::recovery::{classify_tail, scan_segment, Checkpoint, TailVerdict, CHECKPOINT_FILE};
@@ -64,13 +64,17 @@ impl InspectReport {
 
 /// Verifies the log in `dir` without changing anything.
 pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
-    let dir = dir.as_ref();
+    inspect_on(&Disk::os(), dir.as_ref())
+}
+
+/// [`inspect`] on a given disk.
+pub fn inspect_on(disk: &Disk, dir: &Path) -> Result<InspectReport> {
     let mut report = InspectReport {
         dir: dir.to_path_buf(),
         ..InspectReport::default()
     };
     let checkpoint_path = dir.join(CHECKPOINT_FILE);
-    match fs::read(&checkpoint_path) {
+    match disk.read(&checkpoint_path) {
         Ok(bytes) => match Checkpoint::decode(&bytes) {
             Ok(cp) => report.checkpoint = Some(cp),
             Err(reason) => report
@@ -80,15 +84,15 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(StorageError::io(checkpoint_path)(e)),
     }
-    let bases = super::open::list_segments(dir)?;
+    let bases = super::open::list_segments(disk, dir)?;
     let durable_bound = report.checkpoint.map_or(0, |c| c.durable_offset);
     let mut expected_base: Option<u64> = None;
     for (i, &base) in bases.iter().enumerate() {
         let last = i + 1 == bases.len();
         let path = dir.join(file_name(base, LOG_SUFFIX));
-        let file = File::open(&path).map_err(StorageError::io(&path))?;
-        let len = file.metadata().map_err(StorageError::io(&path))?.len() as usize;
-        let map = SegmentMap::open_sealed(&file, len).map_err(StorageError::io(&path))?;
+        let file = disk.open(&path, false).map_err(StorageError::io(&path))?;
+        let len = file.size().map_err(StorageError::io(&path))? as usize;
+        let map = SegmentMap::open_sealed(&*file, len).map_err(StorageError::io(&path))?;
         let bytes = map.bytes();
         let scan = scan_segment(bytes, base, u32::MAX, true);
         let mut findings = Vec::new();
@@ -103,7 +107,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<InspectReport> {
             }
         }
         if last {
-            let dirty_end = data_end(&file, bytes, scan.valid_end);
+            let dirty_end = data_end(&*file, bytes, scan.valid_end);
             match classify_tail(bytes, &scan, dirty_end, durable_bound) {
                 TailVerdict::Clean => {}
                 TailVerdict::Torn { from, to, reason } => findings.push(Finding::TornTail {

@@ -35,10 +35,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use std::os::unix::fs::FileExt;
-
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
+
+use super::disk::DiskFile;
 
 /// Asks the CPU to start loading the cache line holding `value`. A hint
 /// only: it cannot fault or change memory, so it is safe for any reference.
@@ -57,11 +57,61 @@ pub(crate) fn prefetch<T>(value: &T) {
     let _ = value;
 }
 
+/// A mapping of a file, as [`DiskFile::map`](super::disk::DiskFile::map)
+/// makes it: of the file itself (`coherent`: writes through the map reach
+/// the file and writes to the file show in the map), or an anonymous copy
+/// of its bytes (a file in memory, tests only), which the writer must keep
+/// in step with the file itself.
+pub struct Mapping {
+    /// `None` for a zero-length map, which cannot be made.
+    raw: Option<MmapRaw>,
+    len: usize,
+    coherent: bool,
+}
+
+impl Mapping {
+    /// Maps `[0, len)` of `file`, read-write if `writable`.
+    pub fn of_file(file: &File, len: usize, writable: bool) -> io::Result<Mapping> {
+        let raw = match (len, writable) {
+            (0, _) => None,
+            (_, false) => Some(MmapOptions::new().len(len).map_raw_read_only(file)?),
+            (_, true) => Some(MmapOptions::new().len(len).map_raw(file)?),
+        };
+        Ok(Mapping {
+            raw,
+            len,
+            coherent: true,
+        })
+    }
+
+    /// An anonymous map of `len` bytes starting with a copy of `bytes`
+    /// (the rest zeros).
+    pub fn copy_of(bytes: &[u8], len: usize) -> io::Result<Mapping> {
+        assert!(bytes.len() <= len, "copy larger than the map");
+        let raw = if len == 0 {
+            None
+        } else {
+            let mut map = memmap2::MmapMut::map_anon(len)?;
+            map[..bytes.len()].copy_from_slice(bytes);
+            Some(MmapRaw::from(map))
+        };
+        Ok(Mapping {
+            raw,
+            len,
+            coherent: false,
+        })
+    }
+}
+
 /// A mapped segment file.
 pub(crate) struct SegmentMap {
     /// `None` for a zero-length file, which cannot be mapped.
     raw: Option<MmapRaw>,
     capacity: usize,
+    /// False for an anonymous copy of the file (see [`Mapping`]): its
+    /// pages are never dropped (that would zero them), and the writer
+    /// writes through the file and mirrors into it.
+    coherent: bool,
     /// End of the immutable, readable prefix. Advanced with `Release` by the
     /// writer after the bytes are in place; read with `Acquire`.
     published: AtomicUsize,
@@ -78,43 +128,44 @@ pub(crate) struct MapWriter {
 enum Sink {
     /// Copied into the shared mapping.
     Map,
-    /// Staged in memory and written with one `pwrite` per publish; the
-    /// mapping (coherent with the page cache) is only read.
-    File { file: Arc<File>, staged: Vec<u8> },
+    /// Staged in memory and written with one `write_all_at` per publish;
+    /// the mapping (coherent with the page cache) is only read. With
+    /// `mirror` the mapping is a copy, and published bytes are copied into
+    /// it too.
+    File {
+        file: Arc<dyn DiskFile>,
+        staged: Vec<u8>,
+        mirror: bool,
+    },
 }
 
 impl SegmentMap {
     /// Maps `file` for appending; `published` bytes are already valid, and
-    /// the returned writer continues after them. With `write_file` the
-    /// writer writes through the file (`pwrite`) and the map is read-only;
-    /// otherwise it copies into a read-write map.
+    /// the returned writer continues after them. With `write_file`, or when
+    /// the file's map is a copy, the writer writes through the file and the
+    /// map is only read; otherwise it copies into a read-write map.
     pub(crate) fn open_append(
-        file: &Arc<File>,
+        file: &Arc<dyn DiskFile>,
         capacity: usize,
         published: usize,
         write_file: bool,
     ) -> io::Result<(Arc<SegmentMap>, MapWriter)> {
         assert!(published <= capacity, "published beyond capacity");
-        let raw = match (capacity, write_file) {
-            (0, _) => None,
-            (_, true) => Some(
-                MmapOptions::new()
-                    .len(capacity)
-                    .map_raw_read_only(&**file)?,
-            ),
-            (_, false) => Some(MmapOptions::new().len(capacity).map_raw(&**file)?),
-        };
-        let sink = if write_file {
+        let mapping = file.map(capacity, !write_file)?;
+        debug_assert_eq!(mapping.len, capacity);
+        let sink = if write_file || !mapping.coherent {
             Sink::File {
                 file: Arc::clone(file),
                 staged: Vec::new(),
+                mirror: !mapping.coherent,
             }
         } else {
             Sink::Map
         };
         let map = Arc::new(SegmentMap {
-            raw,
+            raw: mapping.raw,
             capacity,
+            coherent: mapping.coherent,
             published: AtomicUsize::new(published),
         });
         let writer = MapWriter {
@@ -126,17 +177,19 @@ impl SegmentMap {
     }
 
     /// Maps a sealed segment read-only; all `len` bytes are published.
-    pub(crate) fn open_sealed(file: &File, len: usize) -> io::Result<Arc<SegmentMap>> {
-        let raw = if len == 0 {
-            None
-        } else {
-            Some(MmapOptions::new().len(len).map_raw_read_only(file)?)
-        };
+    pub(crate) fn open_sealed(file: &dyn DiskFile, len: usize) -> io::Result<Arc<SegmentMap>> {
+        let mapping = file.map(len, false)?;
         Ok(Arc::new(SegmentMap {
-            raw,
+            raw: mapping.raw,
             capacity: len,
+            coherent: mapping.coherent,
             published: AtomicUsize::new(len),
         }))
+    }
+
+    /// False for an anonymous copy (see [`Mapping`]).
+    pub(crate) fn is_coherent(&self) -> bool {
+        self.coherent
     }
 
     pub(crate) fn published(&self) -> usize {
@@ -174,7 +227,7 @@ impl SegmentMap {
     /// Makes `range` durable (msync with `MS_SYNC`).
     pub(crate) fn flush_range(&self, range: Range<usize>) -> io::Result<()> {
         match &self.raw {
-            Some(raw) if range.start < range.end => {
+            Some(raw) if self.coherent && range.start < range.end => {
                 raw.flush_range(range.start, range.end - range.start)
             }
             _ => Ok(()),
@@ -186,11 +239,13 @@ impl SegmentMap {
     /// Fails with `EINVAL` on kernels older than 5.14.
     pub(crate) fn populate_for_write(&self, range: Range<usize>) -> io::Result<()> {
         match &self.raw {
-            Some(raw) if range.start < range.end && range.end <= self.capacity => raw.advise_range(
-                memmap2::Advice::PopulateWrite,
-                range.start,
-                range.end - range.start,
-            ),
+            Some(raw) if self.coherent && range.start < range.end && range.end <= self.capacity => {
+                raw.advise_range(
+                    memmap2::Advice::PopulateWrite,
+                    range.start,
+                    range.end - range.start,
+                )
+            }
             _ => Ok(()),
         }
     }
@@ -200,7 +255,7 @@ impl SegmentMap {
     /// later read faults them back in.
     pub(crate) fn release_pages(&self, range: Range<usize>) -> io::Result<()> {
         let Some(raw) = &self.raw else { return Ok(()) };
-        if range.start >= range.end || range.end > self.published() {
+        if !self.coherent || range.start >= range.end || range.end > self.published() {
             return Ok(());
         }
         // SAFETY: MADV_DONTNEED on a shared file mapping only drops page
@@ -266,7 +321,12 @@ impl MapWriter {
             let n = (end - at).min(ZEROS.len());
             match &self.sink {
                 Sink::Map => self.write_at(at, &ZEROS[..n]),
-                Sink::File { file, .. } => file.write_all_at(&ZEROS[..n], at as u64)?,
+                Sink::File { file, mirror, .. } => {
+                    file.write_all_at(&ZEROS[..n], at as u64)?;
+                    if *mirror {
+                        self.write_at(at, &ZEROS[..n]);
+                    }
+                }
             }
             at += n;
         }
@@ -278,13 +338,28 @@ impl MapWriter {
     /// and the cursor goes back to the published end.
     pub(crate) fn publish(&mut self) -> io::Result<()> {
         let published = self.map.published.load(Ordering::Relaxed);
-        if let Sink::File { file, staged } = &mut self.sink {
+        if let Sink::File {
+            file,
+            staged,
+            mirror,
+        } = &mut self.sink
+        {
             if !staged.is_empty() {
                 let written = file.write_all_at(staged, published as u64);
-                staged.clear();
                 if let Err(e) = written {
+                    staged.clear();
                     self.cursor = published;
                     return Err(e);
+                }
+                if *mirror {
+                    let staged = std::mem::take(staged);
+                    self.write_at(published, &staged);
+                    if let Sink::File { staged: room, .. } = &mut self.sink {
+                        *room = staged;
+                        room.clear();
+                    }
+                } else {
+                    staged.clear();
                 }
             }
         }
@@ -325,37 +400,45 @@ impl super::record::RecordSink for MapWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::disk::{FileSystem, MemoryDisk, OsDisk};
 
-    fn file(dir: &tempfile::TempDir) -> Arc<File> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
-        file.set_len(4096).unwrap();
-        Arc::new(file)
+    /// A 4 KiB file on the OS disk and on a memory disk.
+    fn files(dir: &tempfile::TempDir) -> Vec<Arc<dyn DiskFile>> {
+        let memory = MemoryDisk::new();
+        memory.create_dir_all(dir.path()).unwrap();
+        [&OsDisk as &dyn FileSystem, &memory]
+            .into_iter()
+            .map(|disk| {
+                let file = disk.create(&dir.path().join("m")).unwrap();
+                file.set_len(4096).unwrap();
+                file
+            })
+            .collect()
     }
 
     #[test]
     fn readers_see_only_published_bytes() {
         for write_file in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let (map, mut writer) =
-                SegmentMap::open_append(&file(&dir), 4096, 0, write_file).unwrap();
-            writer.write(b"hello");
-            assert_eq!(map.bytes(), b"");
-            assert!(map.view(0..5).is_none());
-            writer.publish().unwrap();
-            assert_eq!(map.bytes(), b"hello", "write_file {write_file}");
-            writer.write(b" world");
-            writer.publish().unwrap();
-            assert_eq!(map.bytes(), b"hello world", "write_file {write_file}");
-            let view = map.view(1..4).unwrap();
-            drop(writer);
-            drop(map);
-            assert_eq!(&view[..], b"ell", "a view keeps the mapping alive");
+            for file in files(&dir) {
+                let (map, mut writer) =
+                    SegmentMap::open_append(&file, 4096, 0, write_file).unwrap();
+                writer.write(b"hello");
+                assert_eq!(map.bytes(), b"");
+                assert!(map.view(0..5).is_none());
+                writer.publish().unwrap();
+                assert_eq!(map.bytes(), b"hello", "write_file {write_file}");
+                writer.write(b" world");
+                writer.publish().unwrap();
+                assert_eq!(map.bytes(), b"hello world", "write_file {write_file}");
+                let mut back = [0u8; 11];
+                assert_eq!(file.read_at(&mut back, 0).unwrap(), 11);
+                assert_eq!(&back, b"hello world", "the file has what the map shows");
+                let view = map.view(1..4).unwrap();
+                drop(writer);
+                drop(map);
+                assert_eq!(&view[..], b"ell", "a view keeps the mapping alive");
+            }
         }
     }
 
@@ -363,7 +446,8 @@ mod tests {
     #[should_panic(expected = "past the end of the segment")]
     fn writes_cannot_run_past_the_map() {
         let dir = tempfile::tempdir().unwrap();
-        let (_map, mut writer) = SegmentMap::open_append(&file(&dir), 4096, 4090, true).unwrap();
+        let file = files(&dir).remove(0);
+        let (_map, mut writer) = SegmentMap::open_append(&file, 4096, 4090, true).unwrap();
         writer.write(b"0123456789");
     }
 }

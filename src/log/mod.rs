@@ -25,6 +25,7 @@
 mod background;
 pub mod clock;
 pub mod dedup;
+pub mod disk;
 pub mod error;
 mod flush;
 pub mod index;
@@ -39,7 +40,6 @@ mod retention;
 mod segment;
 mod writer;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
@@ -51,10 +51,11 @@ use crossbeam_channel::Sender;
 
 pub use clock::Clock;
 pub use dedup::DedupIndex;
+pub use disk::{Crash, Disk, MemoryDisk};
 pub use error::{Bound, Result, StorageError};
 pub use journal::FlushJournal;
 pub use options::{
-    DedupWindow, FlushMode, Options, Preallocate, RecoveryMode, Retention, WritePath,
+    Background, DedupWindow, FlushMode, Options, Preallocate, RecoveryMode, Retention, WritePath,
 };
 pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
@@ -209,7 +210,7 @@ struct Inner {
     dir: PathBuf,
     options: Options,
     /// Held for the life of the log: the exclusive directory lock.
-    _lock: File,
+    _lock: disk::DirLock,
     /// Told how long each flush of the active segment took (metrics).
     flush_observer: std::sync::OnceLock<FlushObserver>,
     writer: Mutex<Writer>,
@@ -238,6 +239,8 @@ struct Inner {
     /// Wakes the prefault thread (`Signal::Flush` means "look again").
     prefault_signal: Sender<Signal>,
     report: RecoveryReport,
+    /// When the periodic background jobs last ran; held by a pass.
+    background_state: Mutex<background::BackgroundState>,
 }
 
 struct Writer {
@@ -404,6 +407,14 @@ impl Log {
             .apply_retention(self.inner.options.clock.now_ms())
     }
 
+    /// Runs one pass of background work now (see [`Background`]): an async
+    /// flush if due, the seal a roll left, the next segment's file, dedup
+    /// tables, and the checkpoint and retention if due. Under
+    /// `Background::Manual` this is the only way that work runs.
+    pub fn background_pass(&self) {
+        self.inner.background_pass(false);
+    }
+
     /// Calls `observe` with the duration of every flush (fsync) of the
     /// active segment from now on. Only the first observer set is kept.
     pub fn observe_flushes(&self, observe: FlushObserver) {
@@ -510,6 +521,7 @@ impl Log {
         self.flush()?;
         let durable_offset = self.inner.group.durable_offset();
         open::write_checkpoint(
+            &self.inner.options.disk,
             &self.inner.dir,
             Checkpoint {
                 durable_offset,

@@ -3,25 +3,23 @@
 //! with torn-tail handling, `recovery.rs`), and the dedup window rebuilt
 //! from the records.
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use super::background::{background, prefaulter};
+use super::background::{background, prefaulter, BackgroundState};
 use super::dedup::DedupIndex;
+use super::disk::{Disk, DiskFile, LockError};
 use super::error::{Result, StorageError};
 use super::flush::GroupCommit;
 use super::mmap::{MapWriter, SegmentMap};
-use super::options::{Options, RecoveryMode, WritePath};
+use super::options::{Background, Options, RecoveryMode, WritePath};
 use super::record::{self};
 use super::recovery::{
     classify_tail, scan_segment, Checkpoint, RecoveryReport, Scan, TailVerdict, CHECKPOINT_FILE,
 };
-use super::retention::remove_segment_files;
-use super::segment::{self, Segment, LOG_SUFFIX};
+use super::segment::{self, remove_segment_files, Segment, LOG_SUFFIX};
 use super::writer::DEDUP_PREFETCH_AHEAD;
 use super::{Inner, Log, Writer};
 
@@ -34,10 +32,11 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
     options.write_path = options.write_path.resolve(options.flush);
     let started = Instant::now();
     let dir = dir.to_path_buf();
-    fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;
-    let lock = lock_dir(&dir)?;
-    remove_temporary_files(&dir)?;
-    let checkpoint = read_checkpoint(&dir);
+    let disk = options.disk.clone();
+    disk.create_dir_all(&dir).map_err(StorageError::io(&dir))?;
+    let lock = lock_dir(&disk, &dir)?;
+    remove_temporary_files(&disk, &dir)?;
+    let checkpoint = read_checkpoint(&disk, &dir);
     let mut report = RecoveryReport {
         clean_shutdown: checkpoint.is_some_and(|c| c.clean),
         ..RecoveryReport::default()
@@ -54,6 +53,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
     // Everything now on disk is durable; a crash from here on is not a
     // clean shutdown.
     write_checkpoint(
+        &disk,
         &dir,
         Checkpoint {
             durable_offset: next_offset,
@@ -67,7 +67,9 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
 
     let (signal, receiver) = crossbeam_channel::bounded(1);
     let (prefault_signal, prefault_receiver) = crossbeam_channel::bounded(1);
-    let prefaults = options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
+    let threads_wanted = options.background == Background::Threads;
+    let prefaults =
+        threads_wanted && options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
     let prefault_enabled = AtomicBool::new(prefaults);
     let inner = Arc::new(Inner {
         dir,
@@ -97,6 +99,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         signal,
         prefault_signal,
         report,
+        background_state: Mutex::new(BackgroundState::new(next_offset)),
     });
     let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -104,11 +107,14 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
             .spawn(body)
             .map_err(StorageError::io("<thread spawn>"))
     };
-    let background = {
+    let mut threads = Vec::new();
+    if threads_wanted {
         let inner = Arc::clone(&inner);
-        spawn("bida-log-bg", Box::new(move || background(inner, receiver)))?
-    };
-    let mut threads = vec![background];
+        threads.push(spawn(
+            "bida-log-bg",
+            Box::new(move || background(inner, receiver)),
+        )?);
+    }
     if prefaults {
         let inner = Arc::clone(&inner);
         threads.push(spawn(
@@ -132,7 +138,8 @@ fn open_segments(
     checkpoint: Option<Checkpoint>,
     report: &mut RecoveryReport,
 ) -> Result<(Vec<Arc<Segment>>, ActiveParts)> {
-    let mut bases = list_segments(dir)?;
+    let disk = &options.disk;
+    let mut bases = list_segments(disk, dir)?;
     if bases.is_empty() {
         report.created = true;
         if checkpoint.is_some_and(|c| c.durable_offset > 0) {
@@ -142,13 +149,15 @@ fn open_segments(
                 reason: "the checkpoint records durable data but no segment file exists".into(),
             });
         }
-        let (segment, map) = Segment::create(dir, 0, options.segment_bytes, options.write_path)?;
+        let (segment, map) =
+            Segment::create(disk, dir, 0, options.segment_bytes, options.write_path)?;
         return Ok((vec![Arc::clone(&segment)], (segment, map)));
     }
     let mut segments: Vec<Arc<Segment>> = Vec::new();
     let mut active_base = *bases.last().unwrap_or(&0);
     for (i, &base) in bases.iter().enumerate().take(bases.len() - 1) {
         let opened = Segment::open_sealed(
+            disk,
             dir,
             base,
             options.index_interval_bytes,
@@ -170,7 +179,7 @@ fn open_segments(
                 segments.push(segment);
             }
             Err(StorageError::Corrupt { .. })
-                if i + 2 == bases.len() && roll_cut_short(dir, base, bases[i + 1])? =>
+                if i + 2 == bases.len() && roll_cut_short(disk, dir, base, bases[i + 1])? =>
             {
                 // A crash in a roll of a log written before rolls flushed
                 // the old segment first: the next segment's file was
@@ -179,7 +188,7 @@ fn open_segments(
                 // the next one holds nothing. Drop the empty one; this one
                 // is the active segment again, its tail judged below like
                 // any torn tail. Rolls now flush first and never leave it.
-                remove_segment_files(dir, bases[i + 1])?;
+                remove_segment_files(disk, dir, bases[i + 1])?;
                 tracing::warn!(
                     dir = %dir.display(),
                     base_offset = base,
@@ -194,7 +203,7 @@ fn open_segments(
                 // and is cut at its first invalid record below.
                 let dropped: Vec<u64> = bases.drain(i + 1..).collect();
                 for &later in &dropped {
-                    remove_segment_files(dir, later)?;
+                    remove_segment_files(disk, dir, later)?;
                 }
                 let note = format!("{e}; removed {} later segment(s)", dropped.len());
                 tracing::error!(dir = %dir.display(), "repair: {note}");
@@ -230,17 +239,16 @@ fn open_segments(
 /// holds no record (its first length field is zero, as a fresh file is).
 /// Records go into a new segment only once the roll's flush of the old one
 /// has ended, so a record there would mean the old one is whole.
-fn roll_cut_short(dir: &Path, base: u64, last_base: u64) -> Result<bool> {
-    if dir
-        .join(segment::file_name(base, segment::INDEX_SUFFIX))
-        .exists()
-    {
+fn roll_cut_short(disk: &Disk, dir: &Path, base: u64, last_base: u64) -> Result<bool> {
+    if disk.exists(&dir.join(segment::file_name(base, segment::INDEX_SUFFIX))) {
         return Ok(false);
     }
     let path = dir.join(segment::file_name(last_base, LOG_SUFFIX));
     let mut head = [0u8; 4];
-    let mut file = File::open(&path).map_err(StorageError::io(&path))?;
-    let read = file.read(&mut head).map_err(StorageError::io(&path))?;
+    let file = disk.open(&path, false).map_err(StorageError::io(&path))?;
+    let read = file
+        .read_at(&mut head, 0)
+        .map_err(StorageError::io(&path))?;
     Ok(read < head.len() || head == [0; 4])
 }
 
@@ -267,30 +275,22 @@ fn open_active(
     checkpoint_bound: u64,
     report: &mut RecoveryReport,
 ) -> Result<ActiveParts> {
+    let disk = &options.disk;
     let path = dir.join(segment::file_name(base, LOG_SUFFIX));
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(StorageError::io(&path))?;
-    let len = file.metadata().map_err(StorageError::io(&path))?.len();
+    let file = disk.open(&path, true).map_err(StorageError::io(&path))?;
+    let len = file.size().map_err(StorageError::io(&path))?;
     if len < options.segment_bytes {
-        rustix::fs::fallocate(
-            &file,
-            rustix::fs::FallocateFlags::empty(),
-            0,
-            options.segment_bytes,
-        )
-        .map_err(|e| StorageError::io(&path)(e.into()))?;
+        file.allocate(options.segment_bytes)
+            .map_err(StorageError::io(&path))?;
     }
     let capacity = len.max(options.segment_bytes) as usize;
     let (scan, cut) = {
-        let view = SegmentMap::open_sealed(&file, capacity).map_err(StorageError::io(&path))?;
+        let view = SegmentMap::open_sealed(&*file, capacity).map_err(StorageError::io(&path))?;
         let bytes = view.bytes();
         let scan = scan_segment(bytes, base, options.index_interval_bytes, true);
         let cut = judge_tail(
             &path,
-            &file,
+            &*file,
             bytes,
             &scan,
             options.recovery,
@@ -303,7 +303,7 @@ fn open_active(
     report.bytes_verified += scan.valid_end as u64;
     let valid_end = scan.valid_end;
     let (segment, mut map) =
-        Segment::active_from_scan(path, file, base, capacity, scan, options.write_path)?;
+        Segment::active_from_scan(disk, path, file, base, capacity, scan, options.write_path)?;
     if let Some(dirty_end) = cut {
         map.zero_to(dirty_end)
             .map_err(StorageError::io(&segment.path))?;
@@ -318,7 +318,7 @@ fn open_active(
 /// error naming the damage.
 fn judge_tail(
     path: &Path,
-    file: &File,
+    file: &dyn DiskFile,
     bytes: &[u8],
     scan: &Scan,
     mode: RecoveryMode,
@@ -431,82 +431,40 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
     dedup
 }
 
-/// Tries of the directory lock, 10 ms apart, before `Locked`.
-const LOCK_RETRIES: u32 = 50;
-
-fn lock_dir(dir: &Path) -> Result<File> {
+fn lock_dir(disk: &Disk, dir: &Path) -> Result<super::disk::DirLock> {
     let path = dir.join(LOCK_FILE);
-    let mut file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(StorageError::io(&path))?;
-    // A lock can be held for a moment by a process that is not its owner:
-    // a child forked by any thread of this process shares the descriptor
-    // until it execs (CLOEXEC), so a log closed and reopened while another
-    // thread spawns a process can find its own old lock. Retry briefly
-    // before calling the directory taken.
-    let mut attempt = 0;
-    let locked = loop {
-        match file.try_lock() {
-            Err(std::fs::TryLockError::WouldBlock) if attempt < LOCK_RETRIES => {
-                attempt += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => break other,
-        }
-    };
-    match locked {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            return Err(StorageError::Locked {
-                path,
-                holder: holder.trim().to_string(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(StorageError::io(path)(e)),
-    }
     let me = format!("pid {}", std::process::id());
-    file.set_len(0)
-        .and_then(|()| file.write_all(me.as_bytes()))
-        .map_err(StorageError::io(&path))?;
-    Ok(file)
+    disk.lock(&path, &me).map_err(|e| match e {
+        LockError::Held { holder } => StorageError::Locked { path, holder },
+        LockError::Io(e) => StorageError::io(path)(e),
+    })
 }
 
-fn remove_temporary_files(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
-        let path = entry.map_err(StorageError::io(dir))?.path();
+fn remove_temporary_files(disk: &Disk, dir: &Path) -> Result<()> {
+    for name in disk.list(dir).map_err(StorageError::io(dir))? {
+        let path = dir.join(name);
         if path.extension().is_some_and(|e| e == "tmp") {
-            fs::remove_file(&path).map_err(StorageError::io(&path))?;
+            disk.remove_file(&path).map_err(StorageError::io(&path))?;
         }
     }
     Ok(())
 }
 
 /// Base offsets of the segment files in `dir`, in order.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
-    let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(StorageError::io(dir))? {
-        let entry = entry.map_err(StorageError::io(dir))?;
-        if let Some(base) = entry
-            .file_name()
-            .to_str()
-            .and_then(segment::parse_log_file_name)
-        {
-            bases.push(base);
-        }
-    }
+pub(crate) fn list_segments(disk: &Disk, dir: &Path) -> Result<Vec<u64>> {
+    let mut bases: Vec<u64> = disk
+        .list(dir)
+        .map_err(StorageError::io(dir))?
+        .iter()
+        .filter_map(|name| name.to_str().and_then(segment::parse_log_file_name))
+        .collect();
     bases.sort_unstable();
     Ok(bases)
 }
 
-fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
+fn read_checkpoint(disk: &Disk, dir: &Path) -> Option<Checkpoint> {
     let path = dir.join(CHECKPOINT_FILE);
-    let bytes = fs::read(&path).ok()?;
+    let bytes = disk.read(&path).ok()?;
     match Checkpoint::decode(&bytes) {
         Ok(cp) => Some(cp),
         Err(reason) => {
@@ -518,8 +476,8 @@ fn read_checkpoint(dir: &Path) -> Option<Checkpoint> {
     }
 }
 
-pub(super) fn write_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<()> {
-    segment::write_file_synced(&dir.join(CHECKPOINT_FILE), &checkpoint.encode())
+pub(super) fn write_checkpoint(disk: &Disk, dir: &Path, checkpoint: Checkpoint) -> Result<()> {
+    segment::write_file_synced(disk, &dir.join(CHECKPOINT_FILE), &checkpoint.encode())
 }
 
 fn log_report(dir: &Path, report: &RecoveryReport) {

@@ -1,6 +1,7 @@
 //! Every knob of the storage engine, in one place, with its default.
 
 use super::clock::Clock;
+use super::disk::Disk;
 use super::error::{Bound, Result, StorageError};
 use super::journal::FlushJournal;
 use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
@@ -67,6 +68,21 @@ pub enum Preallocate {
     Zeroes,
 }
 
+/// Where a log's background work runs: async flushes, seals left by rolls,
+/// the next segment's file, dedup tables, checkpoints, retention, and
+/// prefaulting ahead of the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Background {
+    /// The log starts its own threads: one for the work above, and one that
+    /// prefaults under `WritePath::Mmap`.
+    Threads,
+    /// No thread: the work runs only when the owner calls
+    /// [`Log::background_pass`](super::Log::background_pass) (and a roll,
+    /// a flush or a close does what they need themselves). For
+    /// deterministic tests and fuzzing; no prefaulting.
+    Manual,
+}
+
 /// What `open` does when the bytes on disk are not all valid records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryMode {
@@ -116,7 +132,7 @@ pub struct Options {
     /// Default: `Preallocate::Fallocate`.
     pub preallocate: Preallocate,
     /// Size each segment file is preallocated to; a segment rolls when the
-    /// next record does not fit. Default: 1 GiB. Range: 64 KiB ..= 4 GiB - 1.
+    /// next record does not fit. Default: 1 GiB. Range: 4 KiB ..= 4 GiB - 1.
     pub segment_bytes: u64,
     /// A segment also rolls once its first record is this old (checked on
     /// append). Default: 7 days.
@@ -158,10 +174,16 @@ pub struct Options {
     /// Power-loss tests only: where every completed flush is recorded
     /// (`log/journal.rs`). Default: none.
     pub flush_journal: Option<FlushJournal>,
+    /// The file system the log's files live on. Default: the operating
+    /// system's ([`Disk::os`]); crash tests use a
+    /// [`MemoryDisk`](super::disk::MemoryDisk).
+    pub disk: Disk,
+    /// Default: `Background::Threads`.
+    pub background: Background,
 }
 
 /// The smallest segment accepted.
-pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+pub const SEGMENT_BYTES_MIN: u64 = 4 << 10;
 /// Segment positions are stored as `u32`.
 pub const SEGMENT_BYTES_MAX: u64 = u32::MAX as u64;
 /// Offsets in the dedup table are stored in 31 bits.
@@ -195,6 +217,8 @@ impl Default for Options {
             retention_check_interval_ms: 10_000,
             clock: Clock::system(),
             flush_journal: None,
+            disk: Disk::os(),
+            background: Background::Threads,
         }
     }
 }

@@ -1,11 +1,9 @@
 //! Retention: which sealed segments age or size limits drop, and deleting
 //! them (whole segments only; the active one is never deleted).
 
-use std::fs;
-use std::path::Path;
 use std::sync::Arc;
 
-use super::error::{Result, StorageError};
+use super::error::Result;
 use super::segment::{self, Segment};
 use super::{Inner, RetentionReport};
 use crate::sync::write;
@@ -53,25 +51,9 @@ impl Inner {
             tracing::info!(segment = %segment.path.display(), bytes = segment.size_bytes(), "deleted a segment");
         }
         if !doomed.is_empty() {
-            segment::sync_dir(&self.dir)?;
+            segment::sync_dir(&self.options.disk, &self.dir)?;
         }
         report.start_offset = self.segments().first().map_or(0, |s| s.base_offset);
         Ok(report)
     }
-}
-
-pub(super) fn remove_segment_files(dir: &Path, base: u64) -> Result<()> {
-    for suffix in [
-        segment::LOG_SUFFIX,
-        segment::INDEX_SUFFIX,
-        segment::TIME_INDEX_SUFFIX,
-    ] {
-        let path = dir.join(segment::file_name(base, suffix));
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StorageError::io(path)(e)),
-        }
-    }
-    Ok(())
 }

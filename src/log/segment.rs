@@ -7,8 +7,6 @@
 //! fsyncs; sealed segments are mapped read-only. Byte layout of a record:
 //! `record.rs`.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use super::disk::{Advice, Disk, DiskFile};
 use super::error::{Result, StorageError};
 use super::index::{IndexError, IndexFile, OffsetEntry, SegmentIndex};
 use super::journal::FlushJournal;
@@ -38,8 +37,6 @@ const SPARE_PREFIX: &str = "spare-segment-";
 const READ_AHEAD_BYTES: usize = 8 << 20;
 /// How far ahead of the record header being read a read prefetches.
 const READ_PREFETCH_BYTES: usize = 2048;
-/// Zeros are written in writes of this size.
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
 const NO_TIMESTAMP: u64 = u64::MAX;
 
 pub fn file_name(base_offset: u64, suffix: &str) -> String {
@@ -58,7 +55,8 @@ pub fn parse_log_file_name(name: &str) -> Option<u64> {
 pub(crate) struct Segment {
     pub base_offset: u64,
     pub path: PathBuf,
-    file: Arc<File>,
+    disk: Disk,
+    file: Arc<dyn DiskFile>,
     /// Appends go through `pwrite` (flush with fdatasync) rather than the map.
     writes_through_file: bool,
     map: Arc<SegmentMap>,
@@ -96,25 +94,27 @@ pub(crate) struct SegmentRead {
 impl Segment {
     /// Creates and preallocates a new, empty active segment.
     pub(crate) fn create(
+        disk: &Disk,
         dir: &Path,
         base_offset: u64,
         capacity: u64,
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
-        let file = create_preallocated(&path, capacity, false)?;
-        if let Err(e) = sync_dir(dir) {
+        let file = create_preallocated(disk, &path, capacity, false)?;
+        if let Err(e) = sync_dir(disk, dir) {
             drop(file);
-            let _ = std::fs::remove_file(&path);
+            let _ = disk.remove_file(&path);
             return Err(e);
         }
-        Self::empty_active(path, file, base_offset, capacity, write_path)
+        Self::empty_active(disk, path, file, base_offset, capacity, write_path)
     }
 
     /// Maps a new file with no records yet as the active segment.
     fn empty_active(
+        disk: &Disk,
         path: PathBuf,
-        file: File,
+        file: Arc<dyn DiskFile>,
         base_offset: u64,
         capacity: u64,
         write_path: WritePath,
@@ -123,13 +123,22 @@ impl Segment {
             next_offset: base_offset,
             ..Scan::default()
         };
-        Self::active_from_scan(path, file, base_offset, capacity as usize, scan, write_path)
+        Self::active_from_scan(
+            disk,
+            path,
+            file,
+            base_offset,
+            capacity as usize,
+            scan,
+            write_path,
+        )
     }
 
     /// Turns a prepared spare (see [`prepare_spare`]) into a new, empty
     /// active segment: a rename, no flush. The directory is synced by the
     /// segment's first flush.
     pub(crate) fn from_spare(
+        disk: &Disk,
         dir: &Path,
         spare: Spare,
         base_offset: u64,
@@ -140,15 +149,16 @@ impl Segment {
         let Spare {
             file: spare,
             path: from,
+            ..
         } = spare;
-        if path.exists() {
+        if disk.exists(&path) {
             return Err(StorageError::io(&path)(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "a segment file with this base offset already exists",
             )));
         }
-        fs::rename(&from, &path).map_err(StorageError::io(&from))?;
-        let parts = Self::empty_active(path, spare, base_offset, capacity, write_path)?;
+        disk.rename(&from, &path).map_err(StorageError::io(&from))?;
+        let parts = Self::empty_active(disk, path, spare, base_offset, capacity, write_path)?;
         parts.0.dir_unsynced.store(true, Ordering::Release);
         Ok(parts)
     }
@@ -156,22 +166,28 @@ impl Segment {
     /// Maps an existing active segment for appending after `scan.valid_end`.
     /// The caller has already cleared anything past it.
     pub(crate) fn active_from_scan(
+        disk: &Disk,
         path: PathBuf,
-        file: File,
+        file: Arc<dyn DiskFile>,
         base_offset: u64,
         capacity: usize,
         scan: Scan,
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
-        let file = Arc::new(file);
         debug_assert_ne!(write_path, WritePath::Auto, "resolved by Log::open");
-        let writes_through_file = write_path == WritePath::Pwrite;
-        let (map, writer) =
-            SegmentMap::open_append(&file, capacity, scan.valid_end, writes_through_file)
-                .map_err(StorageError::io(&path))?;
+        let (map, writer) = SegmentMap::open_append(
+            &file,
+            capacity,
+            scan.valid_end,
+            write_path == WritePath::Pwrite,
+        )
+        .map_err(StorageError::io(&path))?;
+        // A map that is a copy (a memory disk) is written through the file.
+        let writes_through_file = write_path == WritePath::Pwrite || !map.is_coherent();
         let segment = Arc::new(Segment {
             base_offset,
             path,
+            disk: disk.clone(),
             file,
             writes_through_file,
             map,
@@ -194,20 +210,21 @@ impl Segment {
     /// rebuilt from its records (verifying checksums if `verify`). Returns
     /// whether the index was rebuilt and the scan, if one ran.
     pub(crate) fn open_sealed(
+        disk: &Disk,
         dir: &Path,
         base_offset: u64,
         index_interval: u32,
         verify: bool,
     ) -> Result<(Arc<Segment>, Option<Scan>)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
-        let file = File::open(&path).map_err(StorageError::io(&path))?;
-        let len = file.metadata().map_err(StorageError::io(&path))?.len();
-        let map = SegmentMap::open_sealed(&file, len as usize).map_err(StorageError::io(&path))?;
+        let file = disk.open(&path, false).map_err(StorageError::io(&path))?;
+        let len = file.size().map_err(StorageError::io(&path))?;
+        let map = SegmentMap::open_sealed(&*file, len as usize).map_err(StorageError::io(&path))?;
         let bytes = map.bytes();
         let loaded = if verify {
             None
         } else {
-            load_index(dir, base_offset, len).ok()
+            load_index(disk, dir, base_offset, len).ok()
         };
         let (index, tail_from, scan) = match loaded {
             Some(index) => {
@@ -233,7 +250,7 @@ impl Segment {
         // exactly at its last record.
         let tail = scan_tail(bytes, base_offset, tail_from)?;
         let damaged = scan.as_ref().is_some_and(|s| s.damage.is_some());
-        if tail.end < bytes.len() && !damaged && data_end(&file, bytes, tail.end) == tail.end {
+        if tail.end < bytes.len() && !damaged && data_end(&*file, bytes, tail.end) == tail.end {
             // Records, then only zeros: a roll flushed this segment and the
             // process stopped before its seal (which the background thread
             // runs). Finish the seal and open the result. The index comes
@@ -246,13 +263,10 @@ impl Segment {
             };
             let end = tail.end;
             drop(map);
-            let file = File::options()
-                .write(true)
-                .open(&path)
-                .map_err(StorageError::io(&path))?;
-            write_seal(dir, base_offset, &index, &file, &path, end)?;
+            let file = disk.open(&path, true).map_err(StorageError::io(&path))?;
+            write_seal(disk, dir, base_offset, &index, &*file, &path, end)?;
             tracing::warn!(segment = %path.display(), bytes = end, "finished the seal of a segment left unsealed by a roll");
-            return Self::open_sealed(dir, base_offset, index_interval, verify);
+            return Self::open_sealed(disk, dir, base_offset, index_interval, verify);
         }
         if tail.end != bytes.len() || damaged {
             let (position, reason) = match scan.as_ref().and_then(|s| s.damage.clone()) {
@@ -276,7 +290,8 @@ impl Segment {
         let segment = Arc::new(Segment {
             base_offset,
             path,
-            file: Arc::new(file),
+            disk: disk.clone(),
+            file,
             writes_through_file: false,
             map,
             next_offset: AtomicU64::new(tail.next_offset),
@@ -435,13 +450,7 @@ impl Segment {
             end
         };
         self.read_ahead_to.store(to, Ordering::Relaxed);
-        // Advice: failure costs speed, never data.
-        let _ = rustix::fs::fadvise(
-            &self.file,
-            from as u64,
-            std::num::NonZeroU64::new((to - from) as u64),
-            rustix::fs::Advice::WillNeed,
-        );
+        self.file.advise(from as u64..to as u64, Advice::WillNeed);
     }
 
     /// The first record at or after `timestamp_ms`, if this segment has one.
@@ -481,7 +490,7 @@ impl Segment {
             let _syncing = lock(&self.dir_sync);
             if self.dir_unsynced.load(Ordering::Acquire) {
                 if let Some(dir) = self.path.parent() {
-                    sync_dir(dir)?;
+                    sync_dir(&self.disk, dir)?;
                 }
                 self.dir_unsynced.store(false, Ordering::Release);
             }
@@ -545,12 +554,8 @@ impl Segment {
     fn release_range(&self, range: Range<usize>) {
         // Both calls are advice: failure costs memory, never data.
         let _ = self.map.release_pages(range.clone());
-        let _ = rustix::fs::fadvise(
-            &self.file,
-            range.start as u64,
-            std::num::NonZeroU64::new((range.end - range.start) as u64),
-            rustix::fs::Advice::DontNeed,
-        );
+        self.file
+            .advise(range.start as u64..range.end as u64, Advice::DontNeed);
     }
 
     /// Seals the active segment: everything flushed, index files written,
@@ -568,7 +573,15 @@ impl Segment {
         let index = self.index().clone();
         // SAFETY of the truncation for readers is argued in mmap.rs: nothing
         // reads or writes past `published` == `end`.
-        write_seal(dir, self.base_offset, &index, &self.file, &self.path, end)?;
+        write_seal(
+            &self.disk,
+            dir,
+            self.base_offset,
+            &index,
+            &*self.file,
+            &self.path,
+            end,
+        )?;
         self.sealed.store(true, Ordering::Release);
         Ok(())
     }
@@ -576,15 +589,7 @@ impl Segment {
     /// Deletes the segment's files (retention or repair). Readers holding
     /// views keep the mapping alive until they drop them.
     pub(crate) fn delete_files(&self, dir: &Path) -> Result<()> {
-        for suffix in [LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
-            let path = dir.join(file_name(self.base_offset, suffix));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io(path)(e)),
-            }
-        }
-        Ok(())
+        remove_segment_files(&self.disk, dir, self.base_offset)
     }
 
     pub(crate) fn corrupt(&self, position: usize, reason: impl Into<String>) -> StorageError {
@@ -599,21 +604,20 @@ impl Segment {
 /// One past the last non-zero byte at or after `from`, asking the file
 /// system where data lies so that a mostly empty preallocated segment is not
 /// read end to end.
-pub(crate) fn data_end(file: &File, bytes: &[u8], from: usize) -> usize {
-    use rustix::fs::{seek, SeekFrom};
+pub(crate) fn data_end(file: &dyn DiskFile, bytes: &[u8], from: usize) -> usize {
     let len = bytes.len() as u64;
     let mut end = from;
     let mut pos = from as u64;
     while pos < len {
-        let data = match seek(file, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
+        let (data, hole) = match file.next_data(pos) {
+            Ok(Some(region)) => region,
+            Ok(None) => break,
             Err(_) => return nonzero_end(bytes, from),
         };
         if data >= len {
             break;
         }
-        let hole = seek(file, SeekFrom::Hole(data)).map_or(len, |h| h.min(len));
+        let hole = hole.clamp(data, len);
         let region_end = nonzero_end(&bytes[..hole as usize], data as usize);
         if region_end > data as usize {
             end = end.max(region_end);
@@ -650,12 +654,13 @@ fn scan_tail(bytes: &[u8], base_offset: u64, from: OffsetEntry) -> Result<Tail, 
 }
 
 fn load_index(
+    disk: &Disk,
     dir: &Path,
     base_offset: u64,
     segment_len: u64,
 ) -> std::result::Result<SegmentIndex, IndexError> {
     let read = |file, suffix| {
-        fs::read(dir.join(file_name(base_offset, suffix)))
+        disk.read(&dir.join(file_name(base_offset, suffix)))
             .map_err(|source| IndexError::Read { file, source })
     };
     SegmentIndex::decode(
@@ -668,18 +673,21 @@ fn load_index(
 /// The seal's writes: both index files, then the segment cut to `end`
 /// bytes and synced.
 fn write_seal(
+    disk: &Disk,
     dir: &Path,
     base_offset: u64,
     index: &SegmentIndex,
-    file: &File,
+    file: &dyn DiskFile,
     path: &Path,
     end: usize,
 ) -> Result<()> {
     write_file_synced(
+        disk,
         &dir.join(file_name(base_offset, INDEX_SUFFIX)),
         &index.encode_offsets(),
     )?;
     write_file_synced(
+        disk,
         &dir.join(file_name(base_offset, TIME_INDEX_SUFFIX)),
         &index.encode_times(),
     )?;
@@ -689,7 +697,8 @@ fn write_seal(
 
 /// A prepared file for the next segment.
 pub(crate) struct Spare {
-    file: File,
+    disk: Disk,
+    file: Arc<dyn DiskFile>,
     path: PathBuf,
 }
 
@@ -697,7 +706,7 @@ impl Spare {
     /// Removes the file (at close: a spare holds no records).
     pub(crate) fn discard(self) {
         drop(self.file);
-        let _ = fs::remove_file(&self.path);
+        let _ = self.disk.remove_file(&self.path);
     }
 }
 
@@ -705,28 +714,38 @@ impl Spare {
 /// no other caller uses): `capacity` bytes reserved, written with zeros if
 /// `zeroes`, everything synced. Runs on the background thread. On failure
 /// (a full disk) the file is removed.
-pub(crate) fn prepare_spare(dir: &Path, n: u64, capacity: u64, zeroes: bool) -> Result<Spare> {
+pub(crate) fn prepare_spare(
+    disk: &Disk,
+    dir: &Path,
+    n: u64,
+    capacity: u64,
+    zeroes: bool,
+) -> Result<Spare> {
     let path = dir.join(format!("{SPARE_PREFIX}{n}.tmp"));
-    let file = create_preallocated(&path, capacity, zeroes)?;
-    Ok(Spare { file, path })
+    let file = create_preallocated(disk, &path, capacity, zeroes)?;
+    Ok(Spare {
+        disk: disk.clone(),
+        file,
+        path,
+    })
 }
 
 /// Creates `path` (which must not exist) with `capacity` bytes reserved,
 /// written with zeros if `zeroes`, and synced. A full disk refuses the
 /// preallocation: the empty file is then taken back, so the next attempt
 /// (once space is freed) can create it again.
-fn create_preallocated(path: &Path, capacity: u64, zeroes: bool) -> Result<File> {
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(StorageError::io(path))?;
+fn create_preallocated(
+    disk: &Disk,
+    path: &Path,
+    capacity: u64,
+    zeroes: bool,
+) -> Result<Arc<dyn DiskFile>> {
+    let file = disk.create_new(path).map_err(StorageError::io(path))?;
     let prepared = (|| {
-        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
-            .map_err(|e| StorageError::io(path)(e.into()))?;
+        file.allocate(capacity).map_err(StorageError::io(path))?;
         if zeroes {
-            write_zeroes(path, &file, capacity).map_err(StorageError::io(path))?;
+            file.write_zeroes(capacity)
+                .map_err(StorageError::io(path))?;
         }
         file.sync_all().map_err(StorageError::io(path))
     })();
@@ -734,70 +753,41 @@ fn create_preallocated(path: &Path, capacity: u64, zeroes: bool) -> Result<File>
         Ok(()) => Ok(file),
         Err(e) => {
             drop(file);
-            let _ = fs::remove_file(path);
+            let _ = disk.remove_file(path);
             Err(e)
         }
     }
 }
 
-/// Writes zeros over `[0, len)` of `file`: through a second, `O_DIRECT`
-/// handle from one page-aligned buffer where the file system allows it (no
-/// page cache filled, almost no CPU), else through the page cache, whose
-/// pages are then let go.
-fn write_zeroes(path: &Path, file: &File, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    // An anonymous map is page-aligned and already zero.
-    let zeros = memmap2::MmapMut::map_anon(ZERO_CHUNK_BYTES)?;
-    let aligned = len - len % PAGE_BYTES as u64;
-    let mut at = 0u64;
-    let direct = File::options()
-        .write(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-        .open(path);
-    if let Ok(direct) = direct {
-        while at < aligned {
-            let n = (aligned - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-            if direct.write_all_at(&zeros[..n], at).is_err() {
-                break; // not supported after all: the page cache does the rest
-            }
-            at += n as u64;
+/// Writes a whole file durably: temporary name, fsync, rename, fsync dir.
+pub(crate) fn write_file_synced(disk: &Disk, path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let file = disk.create(&tmp).map_err(StorageError::io(&tmp))?;
+    file.write_all_at(contents, 0)
+        .map_err(StorageError::io(&tmp))?;
+    file.sync_all().map_err(StorageError::io(&tmp))?;
+    disk.rename(&tmp, path).map_err(StorageError::io(path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(disk, dir)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(disk: &Disk, dir: &Path) -> Result<()> {
+    disk.sync_dir(dir).map_err(StorageError::io(dir))
+}
+
+/// Removes a segment's files (`.log` and both indexes), those that exist.
+pub(crate) fn remove_segment_files(disk: &Disk, dir: &Path, base: u64) -> Result<()> {
+    for suffix in [LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
+        let path = dir.join(file_name(base, suffix));
+        match disk.remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(path)(e)),
         }
     }
-    let buffered_from = at;
-    while at < len {
-        let n = (len - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    if buffered_from < len {
-        file.sync_data()?;
-        let _ = rustix::fs::fadvise(
-            file,
-            buffered_from,
-            std::num::NonZeroU64::new(len - buffered_from),
-            rustix::fs::Advice::DontNeed,
-        );
-    }
     Ok(())
-}
-
-/// Writes a whole file durably: temporary name, fsync, rename, fsync dir.
-pub(crate) fn write_file_synced(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(StorageError::io(&tmp))?;
-    file.write_all(contents).map_err(StorageError::io(&tmp))?;
-    file.sync_all().map_err(StorageError::io(&tmp))?;
-    fs::rename(&tmp, path).map_err(StorageError::io(path))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
-    }
-    Ok(())
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StorageError::io(dir))
 }
 
 #[cfg(test)]

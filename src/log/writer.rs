@@ -192,13 +192,14 @@ impl Inner {
         self.group.advance(base);
         let (capacity, write_path) = (self.options.segment_bytes, self.options.write_path);
         let spare = lock(&self.spare).take();
+        let disk = &self.options.disk;
         let created = match spare {
-            Some(spare) => Segment::from_spare(&self.dir, spare, base, capacity, write_path)
+            Some(spare) => Segment::from_spare(disk, &self.dir, spare, base, capacity, write_path)
                 .or_else(|e| {
                     tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the prepared segment file; creating one");
-                    Segment::create(&self.dir, base, capacity, write_path)
+                    Segment::create(disk, &self.dir, base, capacity, write_path)
                 }),
-            None => Segment::create(&self.dir, base, capacity, write_path),
+            None => Segment::create(disk, &self.dir, base, capacity, write_path),
         };
         let (segment, map) = created?;
         let old_map = std::mem::replace(&mut w.map, map);
@@ -244,7 +245,13 @@ impl Inner {
         }
         let n = self.spares_prepared.fetch_add(1, Ordering::Relaxed);
         let zeroes = self.options.preallocate == Preallocate::Zeroes;
-        match segment::prepare_spare(&self.dir, n, self.options.segment_bytes, zeroes) {
+        match segment::prepare_spare(
+            &self.options.disk,
+            &self.dir,
+            n,
+            self.options.segment_bytes,
+            zeroes,
+        ) {
             Ok(spare) => {
                 *lock(&self.spare_failed_at) = None;
                 *lock(&self.spare) = Some(spare);
