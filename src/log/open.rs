@@ -15,7 +15,7 @@ use super::error::{Result, StorageError};
 use super::flush::GroupCommit;
 use super::mmap::{MapWriter, SegmentMap};
 use super::options::{Background, Options, RecoveryMode, WritePath};
-use super::record::{self};
+use super::record::{self, InnerMsgId};
 use super::recovery::{
     classify_tail, scan_segment, Checkpoint, RecoveryReport, Scan, TailVerdict, CHECKPOINT_FILE,
 };
@@ -50,8 +50,16 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         .find_map(|s| s.last_timestamp_ms())
         .unwrap_or(0);
     let dedup = rebuild_dedup(&segments, &options, next_offset);
-    // Everything now on disk is durable; a crash from here on is not a
-    // clean shutdown.
+    if !report.clean_shutdown && !report.created {
+        // After a killed process the records read back may sit only in the
+        // page cache: make them durable before recording them so (a power
+        // cut after this open would otherwise lose offsets the checkpoint
+        // calls durable, and the next open would refuse the log).
+        active.sync_recovered()?;
+    }
+    // Everything now on disk is durable (the checkpoint's directory sync
+    // makes every segment's name durable too); a crash from here on is not
+    // a clean shutdown.
     write_checkpoint(
         &disk,
         &dir,
@@ -307,7 +315,10 @@ fn open_active(
     if let Some(dirty_end) = cut {
         map.zero_to(dirty_end)
             .map_err(StorageError::io(&segment.path))?;
-        segment::Segment::flush_to(&segment, dirty_end, options.flush_journal.as_ref())?;
+        // The zeros made durable, without moving the segment's flushed mark
+        // past the records: appends resume at `valid_end`, below
+        // `dirty_end`, and each of their flushes must still reach the disk.
+        segment.sync_recovered()?;
         report.bytes_truncated += (dirty_end - valid_end) as u64;
     }
     Ok((segment, map))
@@ -403,6 +414,17 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
                     tracing::warn!(segment = %segment.path.display(), offset, "dedup rebuild stopped at a damaged record");
                     break;
                 }
+                // A record older than the window is kept out of it, as the
+                // live window had already forgotten it: only its offset
+                // goes into the ring.
+                let fields = if fields.timestamp_ms < oldest_ms {
+                    record::PeekedId {
+                        id: InnerMsgId(0),
+                        ..fields
+                    }
+                } else {
+                    fields
+                };
                 batch.push((dedup.hash(fields.id), fields));
                 at += fields.len;
                 offset += 1;

@@ -44,7 +44,9 @@ use thiserror::Error;
 pub const RECORD_HEADER_LEN: usize = 52;
 /// Position of each field in the fixed part.
 pub const LEN_OFFSET: usize = 0;
-pub const CRC_OFFSET: usize = LEN_OFFSET + 4;
+/// Bytes of the `record_len` field.
+pub const LEN_FIELD_BYTES: usize = 4;
+pub const CRC_OFFSET: usize = LEN_OFFSET + LEN_FIELD_BYTES;
 pub const VERSION_OFFSET: usize = CRC_OFFSET + 4;
 pub const FLAGS_OFFSET: usize = VERSION_OFFSET + 1;
 pub const KEY_LEN_OFFSET: usize = FLAGS_OFFSET + 1;
@@ -269,7 +271,7 @@ pub fn encode_to_vec(
 
 /// Reads the length field at the start of `buf`, if four bytes are there.
 pub fn peek_len(buf: &[u8]) -> Option<usize> {
-    buf.get(..4)
+    buf.get(..LEN_FIELD_BYTES)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
 }
 

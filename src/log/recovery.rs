@@ -135,6 +135,11 @@ pub fn scan_segment(bytes: &[u8], base_offset: u64, index_interval: u32, verify:
     while position < bytes.len() {
         let rest = &bytes[position..];
         let expected = scan.next_offset;
+        if rest.len() < record::LEN_FIELD_BYTES && rest.iter().all(|&b| b == 0) {
+            // Zeros too few to hold even a length field: a segment filled
+            // to within a few bytes of its end, then rolled.
+            break;
+        }
         let found = if verify {
             match record::decode(rest) {
                 Ok(Decoded::Record(r)) => {
@@ -256,14 +261,16 @@ pub enum TailVerdict {
     /// Nothing but zeros follows the last valid record.
     Clean,
     /// A write torn by a crash: every byte from `from` to `to` lies past any
-    /// offset known durable and no valid record follows; safe to clear.
+    /// offset known durable (from the checkpoint and from the watermarks of
+    /// every valid record before and after it); safe to clear, together
+    /// with any valid records after it (written out of order by the crash,
+    /// never acknowledged as durable).
     Torn {
         from: usize,
         to: usize,
         reason: String,
     },
-    /// Damage a crash cannot explain: data that had been durable, or a bad
-    /// record with valid ones after it.
+    /// Damage a crash cannot explain: data that had been durable.
     Damaged {
         from: usize,
         to: usize,
@@ -301,21 +308,23 @@ pub fn classify_tail(
             valid_after: after.records,
         };
     }
-    if after.records > 0 {
-        return TailVerdict::Damaged {
-            from,
-            to: dirty_end,
-            reason: format!(
-                "record {expected} is damaged ({what}) and {} valid record(s) follow it",
-                after.records
-            ),
-            valid_after: after.records,
-        };
-    }
+    // Valid records after the damage, none of them saying that anything
+    // from the damaged one on was durable: a crash before a flush, whose
+    // pages reached the disk out of order (writeback and the device's
+    // cache keep no order). None was acknowledged as durable; they go with
+    // the tail, as in every log that recovers to a point in time.
+    let reason = if after.records > 0 {
+        format!(
+            "record {expected}: {what}; {} valid record(s) after it, none known durable, go with it",
+            after.records
+        )
+    } else {
+        format!("record {expected}: {what}")
+    };
     TailVerdict::Torn {
         from,
         to: dirty_end,
-        reason: format!("record {expected}: {what}"),
+        reason,
     }
 }
 

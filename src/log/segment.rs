@@ -502,6 +502,13 @@ impl Segment {
         Ok(())
     }
 
+    /// Makes everything in the file durable, whatever the flushed mark
+    /// says: open calls it after a crash, when the records it found may
+    /// only be in the page cache.
+    pub(crate) fn sync_recovered(&self) -> Result<()> {
+        self.file.sync_data().map_err(StorageError::io(&self.path))
+    }
+
     /// True when the writer at `cursor` is within half of `window` of the end
     /// of the prefaulted range (only the map write path faults pages in).
     pub(crate) fn wants_prefault(&self, cursor: usize, window: usize) -> bool {
