@@ -989,3 +989,39 @@ fn a_roll_cut_short_by_a_power_cut_is_undone_at_open() {
         Err(StorageError::Corrupt { .. })
     ));
 }
+
+/// `append_unless_roll` appends a batch that fits and refuses, appending
+/// nothing, one that would roll the segment; `append` then rolls.
+#[test]
+fn append_unless_roll_refuses_only_a_batch_that_would_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), options()).unwrap();
+    let segment_bytes = options().segment_bytes as usize;
+    let p = payload(1, 10_000);
+    let msg = Message {
+        payload: &p,
+        ..Message::default()
+    };
+    let mut appended = 0u64;
+    loop {
+        match log.append_unless_roll(&[msg]).unwrap() {
+            Some(a) => {
+                assert_eq!(a.outcomes[0].offset, appended);
+                appended += 1;
+            }
+            None => break,
+        }
+        assert!(appended < 100, "a segment holds a few of these");
+    }
+    let segments = log.segments();
+    assert_eq!(segments.len(), 1, "nothing rolled");
+    assert_eq!(
+        log.next_offset(),
+        appended,
+        "the refused batch stored nothing"
+    );
+    assert!(segments[0].size_bytes as usize + p.len() > segment_bytes - 200);
+    let rolled = log.append(&[msg]).unwrap();
+    assert_eq!(rolled.outcomes[0].offset, appended);
+    assert_eq!(log.segments().len(), 2);
+}

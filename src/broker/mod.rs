@@ -733,10 +733,10 @@ impl Broker {
         let (topic, index) = self.resolve(req)?;
         let partition = topic.partition(index)?.clone();
         let log = &partition.log;
-        let appended = if log.append_may_roll(&req.messages) {
-            off_worker(|| log.append(&req.messages))
-        } else {
-            log.append(&req.messages)
+        let appended = match log.append_unless_roll(&req.messages) {
+            Ok(Some(appended)) => Ok(appended),
+            Ok(None) => off_worker(|| log.append(&req.messages)),
+            Err(e) => Err(e),
         }
         .map_err(|e| match e {
             e @ StorageError::InvalidMessage { .. } => BrokerError::InvalidMessage(e),

@@ -65,9 +65,10 @@ use flush::GroupCommit;
 pub use flush::FLUSHES_IN_FLIGHT;
 use mmap::MapWriter;
 pub use open::LOCK_FILE;
-use record::{Decoded, RECORD_HEADER_LEN};
+use record::Decoded;
 use recovery::Checkpoint;
 use segment::{Segment, Spare};
+use writer::Roll;
 
 /// The fate of one message of an appended batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,25 +292,16 @@ impl Log {
         self.inner.append(batch)
     }
 
-    /// Whether appending `batch` now may roll the active segment: it is
-    /// too full for the batch, or too old. A roll flushes the old segment
-    /// and may create a file, so a caller on an async worker runs such an
-    /// append where it may block. A racing append can roll first: this
-    /// chooses where to run an append, it promises nothing.
-    pub fn append_may_roll(&self, batch: &[Message<'_>]) -> bool {
-        let bytes: usize = batch
-            .iter()
-            .map(|m| {
-                RECORD_HEADER_LEN + m.key.map_or(0, <[u8]>::len) + m.headers.len() + m.payload.len()
-            })
-            .sum();
-        let inner = &self.inner;
-        let now = inner.options.clock.now_ms();
-        let w = inner.lock_writer();
-        w.map.remaining() < bytes
-            || w.active
-                .first_timestamp_ms()
-                .is_some_and(|first| now.saturating_sub(first) >= inner.options.segment_age_ms)
+    /// [`Log::append`], unless the batch may roll the active segment (it
+    /// does not fit in what is left of it, or the segment is too old): then
+    /// nothing is appended and the answer is `None`. A roll flushes the old
+    /// segment and may create a file, so a caller on an async worker
+    /// appends this way first, and only a batch that may roll goes where
+    /// it may block. One lock either way: the check and the append are one
+    /// step, so no racing append can roll in between.
+    #[must_use = "under FlushMode::Sync an append is not durable until wait_durable returns"]
+    pub fn append_unless_roll(&self, batch: &[Message<'_>]) -> Result<Option<Appended>> {
+        self.inner.append_with(batch, Roll::Refuse)
     }
 
     /// Appends and returns once the flush policy allows acknowledging:

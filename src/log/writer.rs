@@ -13,6 +13,14 @@ use super::segment::{self, Segment};
 use super::{AppendOutcome, Appended, Inner, Signal, Writer};
 use crate::sync::{lock, read, write};
 
+/// Whether an append may roll the active segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Roll {
+    Allow,
+    /// Append nothing if the batch may roll (see `Log::append_unless_roll`).
+    Refuse,
+}
+
 /// Dropped pages are released in steps of at least this many bytes.
 const RELEASE_STEP_BYTES: usize = 8 << 20;
 
@@ -33,6 +41,19 @@ impl Inner {
     }
 
     pub(super) fn append(&self, batch: &[Message<'_>]) -> Result<Appended> {
+        match self.append_with(batch, Roll::Allow)? {
+            Some(appended) => Ok(appended),
+            None => unreachable!("an append that may roll never refuses to"),
+        }
+    }
+
+    /// Appends `batch`; under `Roll::Refuse`, appends nothing and answers
+    /// `None` if the batch may roll the active segment.
+    pub(super) fn append_with(
+        &self,
+        batch: &[Message<'_>],
+        roll: Roll,
+    ) -> Result<Option<Appended>> {
         let record_max = self.options.record_bytes_max as usize;
         let mut lens = Vec::with_capacity(batch.len());
         for (index, msg) in batch.iter().enumerate() {
@@ -46,6 +67,16 @@ impl Inner {
             return Err(StorageError::Failed(reason));
         }
         let now = self.options.clock.now_ms().max(w.last_timestamp_ms);
+        if roll == Roll::Refuse {
+            let bytes: usize = lens.iter().sum();
+            let too_old = w
+                .active
+                .first_timestamp_ms()
+                .is_some_and(|first| now.saturating_sub(first) >= self.options.segment_age_ms);
+            if w.map.remaining() < bytes || too_old {
+                return Ok(None);
+            }
+        }
         w.dedup.expire(now);
         let durable = self.group.durable_offset();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -134,10 +165,10 @@ impl Inner {
         if appended_bytes > 0 {
             self.note_appended_bytes(appended_bytes);
         }
-        Ok(Appended {
+        Ok(Some(Appended {
             outcomes,
             durable_target,
-        })
+        }))
     }
 
     /// Makes the writer's bytes readable. A failure here (an I/O error

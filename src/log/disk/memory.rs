@@ -439,7 +439,10 @@ impl FileSystem for MemoryDisk {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.check_parent(to)?;
-        let inode = state.names.remove(key(from)).ok_or_else(|| not_found(from))?;
+        let inode = state
+            .names
+            .remove(key(from))
+            .ok_or_else(|| not_found(from))?;
         state.names.insert(key(to).to_vec(), inode);
         state.pending.push(NameChange::Rename {
             from: key(from).to_vec(),
@@ -451,7 +454,10 @@ impl FileSystem for MemoryDisk {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
-        state.names.remove(key(path)).ok_or_else(|| not_found(path))?;
+        state
+            .names
+            .remove(key(path))
+            .ok_or_else(|| not_found(path))?;
         state.pending.push(NameChange::Remove {
             path: key(path).to_vec(),
         });
