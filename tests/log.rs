@@ -720,40 +720,35 @@ fn purge_deletes_every_record_and_offsets_go_on() {
     assert_eq!(log.read(301, 10, 1 << 20).unwrap().records, 0);
 }
 
-/// Lists the `.tmp` files of `dir` (prepared segment files among them).
-fn tmp_files(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tmp"))
-        .collect()
-}
-
+/// An active segment's file grows as records arrive, in steps reserved
+/// ahead of the writer (a new log's is empty; an idle one holds at most the
+/// first step), with zeros written under `Preallocate::Zeroes`; a roll
+/// creates the next segment's file empty and the old one is cut to its
+/// records; everything reads back after a reopen.
 #[test]
-fn rolls_use_the_segment_file_prepared_in_the_background() {
+fn active_segments_grow_in_steps_ahead_of_the_writer() {
+    const FIRST_STEP: u64 = 64 << 10;
     for preallocate in [Preallocate::Zeroes, Preallocate::Fallocate] {
         let dir = tempfile::tempdir().unwrap();
         let opts = Options {
             preallocate,
+            segment_bytes: 1 << 20,
             ..options()
         };
         let log = Log::open(dir.path(), opts.clone()).unwrap();
-        // A quarter of the first segment, then the next file appears.
+        let file_len = |base: u64| std::fs::metadata(log_file(dir.path(), base)).unwrap().len();
+        assert_eq!(file_len(0), 0, "a new log reserves nothing");
+        let mut written = append_one_by_one(&log, 10, 300);
+        let first = &log.segments()[0];
+        assert_eq!(first.allocated_bytes, file_len(0));
+        assert!(
+            first.allocated_bytes >= first.size_bytes && first.allocated_bytes <= FIRST_STEP,
+            "{first:?}"
+        );
+        // Fill past the end of the first segment: it rolls.
         let per_record = record_len(300) as u64;
-        let quarter = opts.segment_bytes / 4 / per_record + 1;
-        let mut written = append_one_by_one(&log, quarter, 300);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tmp_files(dir.path()).is_empty() {
-            assert!(Instant::now() < deadline, "no segment file was prepared");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let spare = tmp_files(dir.path());
-        assert_eq!(spare.len(), 1, "{spare:?}");
-        let spare_len = std::fs::metadata(dir.path().join(&spare[0])).unwrap().len();
-        assert_eq!(spare_len, opts.segment_bytes, "prepared at full size");
-        // Fill past the end of the first segment: the roll renames it.
-        let more = opts.segment_bytes / per_record;
-        for i in quarter..quarter + more {
+        let more = opts.segment_bytes / per_record + 10;
+        for i in 10..10 + more {
             let p = payload(i, 300);
             let msg = Message {
                 id: id(i),
@@ -762,22 +757,32 @@ fn rolls_use_the_segment_file_prepared_in_the_background() {
             };
             assert_eq!(log.append_acked(&[msg]).unwrap().outcomes[0].offset, i);
             written.push(p);
+            let active = log.segments().last().cloned().unwrap();
+            assert!(active.allocated_bytes >= active.size_bytes, "{active:?}");
+            assert!(active.allocated_bytes <= opts.segment_bytes, "{active:?}");
         }
+        // The background reserves ahead of the writer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let active = log.segments().last().cloned().unwrap();
+            if active.allocated_bytes > active.size_bytes {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing reserved ahead: {active:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log.close().unwrap();
+        let log = Log::open(dir.path(), opts).unwrap();
         let segments = log.segments();
         assert!(segments.len() >= 2, "{segments:?}");
-        assert!(
-            !tmp_files(dir.path()).contains(&spare[0]),
-            "the prepared file became the segment at offset {}",
-            segments[1].base_offset
-        );
-        assert!(log_file(dir.path(), segments[1].base_offset).exists());
-        log.close().unwrap();
         assert_eq!(
-            tmp_files(dir.path()),
-            Vec::<String>::new(),
-            "close leaves no spare"
+            std::fs::metadata(log_file(dir.path(), 0)).unwrap().len(),
+            segments[0].size_bytes,
+            "the sealed segment is cut to its records"
         );
-        let log = Log::open(dir.path(), opts).unwrap();
         let records = read_all(&log);
         assert_eq!(records.len(), written.len());
         for (r, p) in records.iter().zip(&written) {
@@ -1003,14 +1008,9 @@ fn append_unless_roll_refuses_only_a_batch_that_would_roll() {
         ..Message::default()
     };
     let mut appended = 0u64;
-    loop {
-        match log.append_unless_roll(&[msg]).unwrap() {
-            Some(a) => {
-                assert_eq!(a.outcomes[0].offset, appended);
-                appended += 1;
-            }
-            None => break,
-        }
+    while let Some(a) = log.append_unless_roll(&[msg]).unwrap() {
+        assert_eq!(a.outcomes[0].offset, appended);
+        appended += 1;
         assert!(appended < 100, "a segment holds a few of these");
     }
     let segments = log.segments();

@@ -43,7 +43,9 @@ pub use partition::Partition;
 use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
-use crate::log::{AppendOutcome, Appended, FlushMode, Log, Options, StorageError};
+use crate::log::{
+    AppendOutcome, Appended, Background, FlushMode, Log, Options, StorageError, Workers,
+};
 use crate::protocol::body::{
     self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, NameError,
     PartitionInfo, ProduceRequest, TopicConfig, TopicDescription, TopicSummary, ANY_PARTITION,
@@ -359,6 +361,9 @@ type Topics = Arc<RwLock<HashMap<String, Arc<Topic>>>>;
 
 pub struct Broker {
     config: BrokerConfig,
+    /// Run every partition's background work and flushes: no partition
+    /// has a thread of its own.
+    workers: Arc<Workers>,
     topics: Topics,
     groups: Mutex<Option<GroupStore>>,
     schedule: Arc<Schedule>,
@@ -374,6 +379,8 @@ impl Broker {
     /// recovering each log, and restores every group's position.
     pub fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         config.validate()?;
+        let workers = Workers::start(Workers::default_threads(), "bida-io")
+            .map_err(io_err(&config.data_dir))?;
         let topics_dir = config.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let topics: Topics = Arc::default();
@@ -389,7 +396,7 @@ impl Broker {
             config.groups_compact_bytes,
             collector,
         )?;
-        let mut schedule_options = log_options(&config);
+        let mut schedule_options = log_options(&config, &workers);
         // A scheduled message is the user's record plus a small wrapper;
         // its segments are at most 64 MiB (a small disk holds them) and
         // always hold the largest one.
@@ -414,6 +421,7 @@ impl Broker {
         )?);
         let broker = Arc::new(Broker {
             config,
+            workers,
             topics,
             groups: Mutex::new(Some(store)),
             schedule,
@@ -469,8 +477,14 @@ impl Broker {
         self.stopping.load(Ordering::Acquire)
     }
 
+    /// Options of a partition's log: on the broker's workers, and with no
+    /// lock file of its own (the `_groups` log's lock keeps a second broker
+    /// out of the data directory).
     fn log_options(&self) -> Options {
-        log_options(&self.config)
+        Options {
+            lock_dir: false,
+            ..log_options(&self.config, &self.workers)
+        }
     }
 
     /// Opens a topic's partitions; with `create`, first writes its
@@ -523,7 +537,7 @@ impl Broker {
             log.observe_flushes(Arc::new(move |d| metrics.flushed(d)));
             let report = log.recovery_report();
             tracing::debug!(topic = name, partition = index, ?report, "partition open");
-            partitions.push(Arc::new(Partition::new(index, log).map_err(io_err(&dir))?));
+            partitions.push(Arc::new(Partition::new(index, log)));
         }
         Ok(Arc::new(Topic {
             name: name.to_owned(),
@@ -1311,8 +1325,9 @@ impl Broker {
 }
 
 /// The options of every partition's log.
-fn log_options(config: &BrokerConfig) -> Options {
+fn log_options(config: &BrokerConfig, workers: &Arc<Workers>) -> Options {
     let mut o = Options {
+        background: Background::Pool(Arc::clone(workers)),
         flush: config.flush,
         write_path: config.write_path,
         preallocate: config.preallocate,

@@ -1,5 +1,5 @@
-//! One partition: its log, the threads that wait for its durability, and
-//! the delivery state of every group reading it. Topics hold partitions;
+//! One partition: its log, the waits for its durability, and the delivery
+//! state of every group reading it. Topics hold partitions;
 //! replication will wrap exactly this unit.
 //!
 //! A poisoned lock is taken over (`crate::sync`): a panic while a group's
@@ -23,15 +23,14 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Partition `index` over `log`, with its durability waiters started.
-    pub(super) fn new(index: u32, log: Arc<Log>) -> std::io::Result<Partition> {
-        let waiter = DurabilityWaiter::start(Arc::clone(&log), format!("bida-sync-{index}"))?;
-        Ok(Partition {
+    /// Partition `index` over `log`.
+    pub(super) fn new(index: u32, log: Arc<Log>) -> Partition {
+        Partition {
             index,
             log,
-            waiter,
+            waiter: DurabilityWaiter::new(),
             groups: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Completes once every offset below `target` is durable.

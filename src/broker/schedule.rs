@@ -378,11 +378,7 @@ impl Schedule {
             "schedule open"
         );
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
-        let waiter = DurabilityWaiter::start(Arc::clone(&log), "bida-sync-schedule".into())
-            .map_err(|e| BrokerError::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
+        let waiter = DurabilityWaiter::new();
         Ok(Schedule {
             log,
             waiter,

@@ -1,26 +1,23 @@
-//! The log's own threads: the background thread (async flushes,
-//! checkpoints, sealing, spare segments, dedup tables, retention) and the
-//! prefault thread (pages faulted in ahead of the writer).
+//! A log's work off the append path, run by workers (`workers.rs`): the
+//! background pass (async flushes, checkpoints, sealing, space reserved
+//! ahead of the writer, dedup tables, retention), prefaulting pages ahead of
+//! the writer, and answering durable waits.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-
 use super::open::write_checkpoint;
 use super::options::FlushMode;
 use super::recovery::Checkpoint;
-use super::{Inner, Signal};
+use super::workers::{Job, Task};
+use super::Inner;
 use crate::sync::lock;
 
-/// Longest the background thread sleeps between checks.
-const BACKGROUND_TICK_MS: u64 = 50;
-
 impl Inner {
-    /// Keeps `prefault_bytes` ahead of the writer faulted in. Runs on the
-    /// background thread, so the zero-fill of fresh pages is paid on the
-    /// other core instead of in the append path.
+    /// Keeps `prefault_bytes` ahead of the writer faulted in. Runs on a
+    /// worker, so the zero-fill of fresh pages is paid on another core
+    /// instead of in the append path.
     pub(super) fn prefault_ahead(&self) {
         self.prefault_requested.store(false, Ordering::Release);
         if !self.prefault_enabled.load(Ordering::Relaxed) {
@@ -63,21 +60,6 @@ impl BackgroundState {
 }
 
 impl Inner {
-    /// How long the background thread may sleep between passes.
-    fn background_tick(&self) -> Duration {
-        let options = &self.options;
-        [
-            self.flush_interval(),
-            (options.checkpoint_interval_ms > 0)
-                .then(|| Duration::from_millis(options.checkpoint_interval_ms)),
-            Some(Duration::from_millis(BACKGROUND_TICK_MS)),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(Duration::from_millis(BACKGROUND_TICK_MS))
-    }
-
     fn flush_interval(&self) -> Option<Duration> {
         match self.options.flush {
             FlushMode::Async { interval_ms, .. } => Some(Duration::from_millis(interval_ms)),
@@ -85,13 +67,23 @@ impl Inner {
         }
     }
 
+    /// Asks the workers for `job` (nothing under `Background::Manual`:
+    /// the owner runs passes itself).
+    pub(super) fn wake(&self, job: Job) {
+        if let Some((workers, id)) = self.workers.get() {
+            workers.wake(*id, job);
+        }
+    }
+
     /// One pass of background work: an async flush if one is due (or
-    /// `flush_now`), dedup tables, the seal a roll left, the next segment's
-    /// file, the checkpoint and retention when due, and prefaulting.
-    pub(super) fn background_pass(&self, flush_now: bool) {
+    /// `flush_now`), dedup tables, the seal a roll left, space reserved
+    /// ahead of the writer, the checkpoint and retention when due. Answers
+    /// when the next pass is due.
+    pub(super) fn background_pass(&self, flush_now: bool) -> Instant {
         let mut state = lock(&self.background_state);
         let options = &self.options;
-        if let Some(interval) = self.flush_interval() {
+        let flush_interval = self.flush_interval();
+        if let Some(interval) = flush_interval {
             if flush_now
                 || self.flush_requested.load(Ordering::Acquire)
                 || state.last_flush.elapsed() >= interval
@@ -111,13 +103,16 @@ impl Inner {
         if let Some(tables) = work.and_then(|w| w.run()) {
             self.lock_writer().dedup.put_spare(tables);
         }
-        // A roll's seal, and the next segment's file, off the append path.
+        // A roll's seal, and the file's next step of space, off the append
+        // path.
         self.finish_seal();
-        self.prepare_spare_if_due();
+        self.reserve_ahead();
+        let checkpoint_interval = Duration::from_millis(options.checkpoint_interval_ms);
         if options.checkpoint_interval_ms > 0 {
-            let interval = Duration::from_millis(options.checkpoint_interval_ms);
             let durable = self.group.durable_offset();
-            if durable > state.checkpointed && state.last_checkpoint.elapsed() >= interval {
+            if durable > state.checkpointed
+                && state.last_checkpoint.elapsed() >= checkpoint_interval
+            {
                 let checkpoint = Checkpoint {
                     durable_offset: durable,
                     clean: false,
@@ -129,43 +124,52 @@ impl Inner {
                 state.last_checkpoint = Instant::now();
             }
         }
-        if state.last_retention.elapsed()
-            >= Duration::from_millis(options.retention_check_interval_ms)
-        {
+        let retention_interval = Duration::from_millis(options.retention_check_interval_ms);
+        if state.last_retention.elapsed() >= retention_interval {
             if let Err(e) = self.apply_retention(options.clock.now_ms()) {
                 tracing::warn!(error = %e, "retention failed");
             }
             state.last_retention = Instant::now();
         }
-    }
-}
-
-/// The background thread: a pass of background work at every signal, and
-/// at least every tick.
-pub(super) fn background(inner: Arc<Inner>, signals: Receiver<Signal>) {
-    let tick = inner.background_tick();
-    loop {
-        let requested = match signals.recv_timeout(tick) {
-            Ok(Signal::Flush) => true,
-            Ok(Signal::Work) => false,
-            Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => false,
-        };
-        inner.background_pass(requested);
-    }
-}
-
-/// The prefault thread: keeps pages ahead of the writer faulted in, so the
-/// zero-fill of fresh file pages runs on the other core. Apart from the
-/// background thread because an async flush can block that one for tens of
-/// milliseconds, long enough for the writer to run out of faulted pages.
-pub(super) fn prefaulter(inner: Arc<Inner>, signals: Receiver<Signal>) {
-    loop {
-        match signals.recv_timeout(Duration::from_millis(BACKGROUND_TICK_MS)) {
-            Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(Signal::Flush | Signal::Work) | Err(RecvTimeoutError::Timeout) => {
-                inner.prefault_ahead()
+        // Next: retention's check, and sooner an async flush or a
+        // checkpoint if there is something for them to do. An idle log is
+        // run once per retention interval.
+        let mut next = state.last_retention + retention_interval;
+        if let Some(interval) = flush_interval {
+            let unflushed = self.appended_bytes.load(Ordering::Acquire)
+                > self.flushed_bytes.load(Ordering::Acquire);
+            if unflushed {
+                next = next.min(state.last_flush + interval);
             }
         }
+        if options.checkpoint_interval_ms > 0 && self.group.durable_offset() > state.checkpointed {
+            next = next.min(state.last_checkpoint + checkpoint_interval);
+        }
+        next
+    }
+
+    /// Answers the pending durable waits: one group commit for the
+    /// highest target, then each wait with the outcome. A worker runs this.
+    pub(super) fn answer_waiters(&self) {
+        let pending = std::mem::take(&mut *lock(&self.waiters));
+        let Some(target) = pending.iter().map(|(t, _)| *t).max() else {
+            return;
+        };
+        let outcome = self.wait_durable(target).map_err(Arc::new);
+        for (_, done) in pending {
+            done(outcome.clone());
+        }
+    }
+}
+
+/// The workers run a log through this.
+impl Task for Inner {
+    fn run(&self, job: Job) -> Option<Instant> {
+        match job {
+            Job::Background => return Some(self.background_pass(false)),
+            Job::Prefault => self.prefault_ahead(),
+            Job::Flush => self.answer_waiters(),
+        }
+        None
     }
 }

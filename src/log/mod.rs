@@ -38,16 +38,14 @@ pub mod record;
 pub mod recovery;
 mod retention;
 mod segment;
+pub mod workers;
 mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
-use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::Sender;
 
 pub use clock::Clock;
 pub use dedup::DedupIndex;
@@ -59,6 +57,8 @@ pub use options::{
 };
 pub use record::{InnerMsgId, Message};
 pub use recovery::RecoveryReport;
+pub use workers::Workers;
+use workers::{Job, TaskId};
 
 use crate::sync::lock;
 use flush::GroupCommit;
@@ -67,7 +67,7 @@ use mmap::MapWriter;
 pub use open::LOCK_FILE;
 use record::Decoded;
 use recovery::Checkpoint;
-use segment::{Segment, Spare};
+use segment::Segment;
 use writer::Roll;
 
 /// The fate of one message of an appended batch.
@@ -185,7 +185,10 @@ pub struct SegmentInfo {
     pub base_offset: u64,
     pub next_offset: u64,
     pub size_bytes: u64,
+    /// The most the segment may hold (`segment_bytes` for an active one).
     pub capacity_bytes: u64,
+    /// Bytes of its file: space reserved for records.
+    pub allocated_bytes: u64,
     pub sealed: bool,
 }
 
@@ -203,15 +206,14 @@ pub struct RetentionReport {
 /// closing is treated like a crash by the next open (the tail is verified).
 pub struct Log {
     inner: Arc<Inner>,
-    /// The background and prefault threads.
-    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Inner {
     dir: PathBuf,
     options: Options,
-    /// Held for the life of the log: the exclusive directory lock.
-    _lock: disk::DirLock,
+    /// Held for the life of the log: the exclusive directory lock (none
+    /// when the owner holds one over it, `Options::lock_dir`).
+    _lock: Option<disk::DirLock>,
     /// Told how long each flush of the active segment took (metrics).
     flush_observer: std::sync::OnceLock<FlushObserver>,
     writer: Mutex<Writer>,
@@ -227,18 +229,14 @@ struct Inner {
     dedup_work_requested: AtomicBool,
     /// Cleared when the kernel refuses to prefault.
     prefault_enabled: AtomicBool,
-    /// The next segment's file, prepared by the background thread.
-    spare: Mutex<Option<Spare>>,
-    /// Spares prepared so far (names them), and when preparing one last
-    /// failed (a full disk: try again later, not on every tick).
-    spares_prepared: AtomicU64,
-    spare_failed_at: Mutex<Option<Instant>>,
     /// The segment a roll left behind: flushed, its seal (index files,
     /// truncation) left to the background thread. One at a time.
     unsealed: Mutex<Option<(Arc<Segment>, MapWriter)>>,
-    signal: Sender<Signal>,
-    /// Wakes the prefault thread (`Signal::Flush` means "look again").
-    prefault_signal: Sender<Signal>,
+    /// The workers that run this log's background work and flushes, and
+    /// its ticket with them (none under `Background::Manual`).
+    workers: std::sync::OnceLock<(Arc<Workers>, TaskId)>,
+    /// Durable waits not answered yet (`Log::when_durable`).
+    waiters: Mutex<Vec<(u64, DurableCallback)>>,
     report: RecoveryReport,
     /// When the periodic background jobs last ran; held by a pass.
     background_state: Mutex<background::BackgroundState>,
@@ -254,12 +252,8 @@ struct Writer {
     broken: Option<Arc<StorageError>>,
 }
 
-enum Signal {
-    Flush,
-    /// Background work other than flushing (dedup tables).
-    Work,
-    Stop,
-}
+/// Told whether the offsets a [`Log::when_durable`] asked for are durable.
+pub type DurableCallback = Box<dyn FnOnce(std::result::Result<(), Arc<StorageError>>) + Send>;
 
 impl Log {
     /// Opens (or creates) the log in `dir`, recovering it if the previous
@@ -318,6 +312,26 @@ impl Log {
     /// leading) a group commit.
     pub fn wait_durable(&self, target: u64) -> Result<()> {
         self.inner.wait_durable(target)
+    }
+
+    /// Calls `done` once every offset below `target` is durable (or the
+    /// log failed), without blocking the caller: a worker leads one group
+    /// commit for all the waits pending, so waiting costs no thread of the
+    /// caller's (an async task awaits a channel `done` completes). At once,
+    /// on this thread, if the offsets are durable already; on this thread
+    /// too, blocking, under `Background::Manual`. `done` is dropped
+    /// uncalled if the log is dropped first.
+    pub fn when_durable(&self, target: u64, done: DurableCallback) {
+        if self.inner.group.durable_offset() >= target {
+            return done(Ok(()));
+        }
+        match self.inner.workers.get() {
+            Some((workers, id)) => {
+                lock(&self.inner.waiters).push((target, done));
+                workers.wake(*id, Job::Flush);
+            }
+            None => done(self.inner.wait_durable(target).map_err(Arc::new)),
+        }
     }
 
     /// Makes everything appended so far durable.
@@ -387,6 +401,7 @@ impl Log {
                 next_offset: s.next_offset(),
                 size_bytes: s.size_bytes(),
                 capacity_bytes: s.capacity_bytes(),
+                allocated_bytes: s.allocated_bytes(),
                 sealed: s.is_sealed(),
             })
             .collect()
@@ -400,11 +415,11 @@ impl Log {
     }
 
     /// Runs one pass of background work now (see [`Background`]): an async
-    /// flush if due, the seal a roll left, the next segment's file, dedup
-    /// tables, and the checkpoint and retention if due. Under
+    /// flush if due, the seal a roll left, space reserved ahead of the
+    /// writer, dedup tables, and the checkpoint and retention if due. Under
     /// `Background::Manual` this is the only way that work runs.
     pub fn background_pass(&self) {
-        self.inner.background_pass(false);
+        let _next_due = self.inner.background_pass(false);
     }
 
     /// Calls `observe` with the duration of every flush (fsync) of the
@@ -501,15 +516,13 @@ impl Log {
     /// when the last reference goes.
     pub fn shutdown(&self) -> Result<()> {
         self.stop_background();
+        self.inner.answer_waiters();
         {
             let mut w = self.inner.lock_writer();
             w.broken
                 .get_or_insert_with(|| Arc::new(StorageError::Closed));
         }
         self.inner.finish_seal();
-        if let Some(spare) = lock(&self.inner.spare).take() {
-            spare.discard();
-        }
         self.flush()?;
         let durable_offset = self.inner.group.durable_offset();
         open::write_checkpoint(
@@ -522,15 +535,11 @@ impl Log {
         )
     }
 
+    /// Leaves the workers: none of their jobs for this log runs after a
+    /// running one ends (a log's private workers are stopped with it).
     fn stop_background(&self) {
-        let handles: Vec<JoinHandle<()>> = lock(&self.background).drain(..).collect();
-        if handles.is_empty() {
-            return;
-        }
-        let _ = self.inner.signal.send(Signal::Stop);
-        let _ = self.inner.prefault_signal.send(Signal::Stop);
-        for handle in handles {
-            let _ = handle.join();
+        if let Some((workers, id)) = self.inner.workers.get() {
+            workers.deregister(*id);
         }
     }
 }

@@ -5,10 +5,10 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
-use super::background::{background, prefaulter, BackgroundState};
+use super::background::BackgroundState;
 use super::dedup::DedupIndex;
 use super::disk::{Disk, DiskFile, LockError};
 use super::error::{Result, StorageError};
@@ -20,6 +20,7 @@ use super::recovery::{
     classify_tail, scan_segment, Checkpoint, RecoveryReport, Scan, TailVerdict, CHECKPOINT_FILE,
 };
 use super::segment::{self, remove_segment_files, Segment, LOG_SUFFIX};
+use super::workers::{Task, Workers};
 use super::writer::DEDUP_PREFETCH_AHEAD;
 use super::{Inner, Log, Writer};
 
@@ -33,14 +34,21 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
     let started = Instant::now();
     let dir = dir.to_path_buf();
     let disk = options.disk.clone();
-    disk.create_dir_all(&dir).map_err(StorageError::io(&dir))?;
-    let lock = lock_dir(&disk, &dir)?;
+    if !disk.exists(&dir) {
+        disk.create_dir_all(&dir).map_err(StorageError::io(&dir))?;
+        // The new directory's name, durable before any record in it is.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            segment::sync_dir(&disk, parent)?;
+        }
+    }
+    let lock = if options.lock_dir {
+        Some(lock_dir(&disk, &dir)?)
+    } else {
+        None
+    };
     remove_temporary_files(&disk, &dir)?;
     let checkpoint = read_checkpoint(&disk, &dir);
-    let mut report = RecoveryReport {
-        clean_shutdown: checkpoint.is_some_and(|c| c.clean),
-        ..RecoveryReport::default()
-    };
+    let mut report = RecoveryReport::default();
     let (segments, writer_parts) = open_segments(&dir, &options, checkpoint, &mut report)?;
     let (active, map) = writer_parts;
     let next_offset = active.next_offset();
@@ -50,35 +58,41 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         .find_map(|s| s.last_timestamp_ms())
         .unwrap_or(0);
     let dedup = rebuild_dedup(&segments, &options, next_offset);
-    if !report.clean_shutdown && !report.created {
-        // After a killed process the records read back may sit only in the
-        // page cache: make them durable before recording them so (a power
-        // cut after this open would otherwise lose offsets the checkpoint
-        // calls durable, and the next open would refuse the log).
-        active.sync_recovered()?;
-    }
-    // Everything now on disk is durable (the checkpoint's directory sync
-    // makes every segment's name durable too); a crash from here on is not
-    // a clean shutdown.
-    write_checkpoint(
-        &disk,
-        &dir,
-        Checkpoint {
-            durable_offset: next_offset,
-            clean: false,
-        },
-    )?;
+    // Clean: closed with everything flushed, and nothing appended since (a
+    // later open writes no checkpoint; the records say if one was needed).
+    report.clean_shutdown = checkpoint.is_some_and(|c| c.clean && c.durable_offset == next_offset);
+    // What is known durable. After a crash, records read back may sit only
+    // in the page cache (a killed process): they count as durable only once
+    // a flush has synced the active segment and its name, and the segment
+    // forgets what it knew so the first flush does. Sealed segments were
+    // synced when they were sealed.
+    let durable_offset = if report.clean_shutdown {
+        next_offset
+    } else {
+        active.forget_durable();
+        checkpoint
+            .map_or(0, |c| c.durable_offset)
+            .max(active.base_offset)
+            .min(next_offset)
+    };
     report.segments = segments.len();
     report.next_offset = next_offset;
     report.duration = started.elapsed();
     log_report(&dir, &report);
 
-    let (signal, receiver) = crossbeam_channel::bounded(1);
-    let (prefault_signal, prefault_receiver) = crossbeam_channel::bounded(1);
-    let threads_wanted = options.background == Background::Threads;
+    // A log of its own gets two workers: one can prefault or flush while
+    // the other runs a background pass.
+    let workers = match &options.background {
+        Background::Threads => {
+            Some(Workers::start(PRIVATE_WORKERS, "bida-log-bg").map_err(StorageError::io(&dir))?)
+        }
+        Background::Pool(workers) => Some(Arc::clone(workers)),
+        Background::Manual => None,
+    };
     let prefaults =
-        threads_wanted && options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
+        workers.is_some() && options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
     let prefault_enabled = AtomicBool::new(prefaults);
+    let checkpointed = checkpoint.map_or(0, |c| c.durable_offset);
     let inner = Arc::new(Inner {
         dir,
         options,
@@ -93,48 +107,29 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
             broken: None,
         }),
         segments: RwLock::new(segments),
-        group: GroupCommit::new(next_offset),
+        group: GroupCommit::new(durable_offset),
         appended_bytes: AtomicU64::new(0),
         flushed_bytes: AtomicU64::new(0),
         flush_requested: AtomicBool::new(false),
         prefault_requested: AtomicBool::new(false),
         dedup_work_requested: AtomicBool::new(false),
         prefault_enabled,
-        spare: Mutex::new(None),
-        spares_prepared: AtomicU64::new(0),
-        spare_failed_at: Mutex::new(None),
         unsealed: Mutex::new(None),
-        signal,
-        prefault_signal,
+        workers: std::sync::OnceLock::new(),
+        waiters: Mutex::new(Vec::new()),
         report,
-        background_state: Mutex::new(BackgroundState::new(next_offset)),
+        background_state: Mutex::new(BackgroundState::new(checkpointed)),
     });
-    let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(body)
-            .map_err(StorageError::io("<thread spawn>"))
-    };
-    let mut threads = Vec::new();
-    if threads_wanted {
-        let inner = Arc::clone(&inner);
-        threads.push(spawn(
-            "bida-log-bg",
-            Box::new(move || background(inner, receiver)),
-        )?);
+    if let Some(workers) = workers {
+        let task: Weak<dyn Task> = Arc::downgrade(&(Arc::clone(&inner) as Arc<dyn Task>));
+        let id = workers.register(task);
+        let _ = inner.workers.set((workers, id));
     }
-    if prefaults {
-        let inner = Arc::clone(&inner);
-        threads.push(spawn(
-            "bida-log-prefault",
-            Box::new(move || prefaulter(inner, prefault_receiver)),
-        )?);
-    }
-    Ok(Log {
-        inner,
-        background: Mutex::new(threads),
-    })
+    Ok(Log { inner })
 }
+
+/// Workers of a log opened with `Background::Threads`.
+const PRIVATE_WORKERS: usize = 2;
 
 type ActiveParts = (Arc<Segment>, MapWriter);
 
@@ -286,14 +281,11 @@ fn open_active(
     let disk = &options.disk;
     let path = dir.join(segment::file_name(base, LOG_SUFFIX));
     let file = disk.open(&path, true).map_err(StorageError::io(&path))?;
-    let len = file.size().map_err(StorageError::io(&path))?;
-    if len < options.segment_bytes {
-        file.allocate(options.segment_bytes)
-            .map_err(StorageError::io(&path))?;
-    }
-    let capacity = len.max(options.segment_bytes) as usize;
+    let len = file.size().map_err(StorageError::io(&path))? as usize;
+    // Mapped for up to a whole segment; only the file's `len` bytes exist.
+    let capacity = len.max(options.segment_bytes as usize);
     let (scan, cut) = {
-        let view = SegmentMap::open_sealed(&*file, capacity).map_err(StorageError::io(&path))?;
+        let view = SegmentMap::open_sealed(&*file, len).map_err(StorageError::io(&path))?;
         let bytes = view.bytes();
         let scan = scan_segment(bytes, base, options.index_interval_bytes, true);
         let cut = judge_tail(
@@ -310,8 +302,16 @@ fn open_active(
     report.records_verified += scan.records;
     report.bytes_verified += scan.valid_end as u64;
     let valid_end = scan.valid_end;
-    let (segment, mut map) =
-        Segment::active_from_scan(disk, path, file, base, capacity, scan, options.write_path)?;
+    let (segment, mut map) = Segment::active_from_scan(
+        disk,
+        path,
+        file,
+        base,
+        capacity,
+        len,
+        scan,
+        options.write_path,
+    )?;
     if let Some(dirty_end) = cut {
         map.zero_to(dirty_end)
             .map_err(StorageError::io(&segment.path))?;

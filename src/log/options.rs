@@ -5,6 +5,8 @@ use super::disk::Disk;
 use super::error::{Bound, Result, StorageError};
 use super::journal::FlushJournal;
 use super::record::{RECORD_BYTES_MAX, RECORD_HEADER_LEN};
+use super::workers::Workers;
+use std::sync::Arc;
 
 /// When an append counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,19 +71,37 @@ pub enum Preallocate {
 }
 
 /// Where a log's background work runs: async flushes, seals left by rolls,
-/// the next segment's file, dedup tables, checkpoints, retention, and
-/// prefaulting ahead of the writer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// space reserved ahead of the writer, dedup tables, checkpoints,
+/// retention, prefaulting ahead of the writer, and the flushes of
+/// [`Log::when_durable`](super::Log::when_durable).
+#[derive(Clone, Debug)]
 pub enum Background {
-    /// The log starts its own threads: one for the work above, and one that
-    /// prefaults under `WritePath::Mmap`.
+    /// The log starts two workers of its own, stopped with it.
     Threads,
+    /// Workers shared with other logs (a broker's partitions): the log costs
+    /// no thread of its own.
+    Pool(Arc<Workers>),
     /// No thread: the work runs only when the owner calls
     /// [`Log::background_pass`](super::Log::background_pass) (and a roll,
-    /// a flush or a close does what they need themselves). For
-    /// deterministic tests and fuzzing; no prefaulting.
+    /// a flush or a close does what they need themselves); durable waits
+    /// block the caller. For deterministic tests and fuzzing; no
+    /// prefaulting.
     Manual,
 }
+
+/// Two settings are equal when they name the same workers.
+impl PartialEq for Background {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Background::Threads, Background::Threads)
+            | (Background::Manual, Background::Manual) => true,
+            (Background::Pool(a), Background::Pool(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Background {}
 
 /// What `open` does when the bytes on disk are not all valid records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +200,11 @@ pub struct Options {
     pub disk: Disk,
     /// Default: `Background::Threads`.
     pub background: Background,
+    /// Take the exclusive lock of the log's directory (a `LOCK` file held
+    /// open while the log is). An owner of many logs that holds one lock
+    /// over all of them (the broker: its `_groups` log) turns it off, so
+    /// each log costs no file descriptor for it. Default: true.
+    pub lock_dir: bool,
 }
 
 /// The smallest segment accepted.
@@ -219,6 +244,7 @@ impl Default for Options {
             flush_journal: None,
             disk: Disk::os(),
             background: Background::Threads,
+            lock_dir: true,
         }
     }
 }

@@ -1,16 +1,19 @@
 //! One segment: `<20-digit base offset>.log`, its map and its indexes.
 //!
-//! The active segment is preallocated to `segment_bytes` and written through
-//! a shared map; records are packed back to back from position 0 and the
-//! rest of the file stays zero. Sealing flushes it, writes `.index` and
-//! `.timeindex` (see `index.rs`), truncates the file to the records and
-//! fsyncs; sealed segments are mapped read-only. Byte layout of a record:
-//! `record.rs`.
+//! The active segment is mapped for up to `segment_bytes` and its file grows
+//! on demand: space is reserved (`fallocate`) in steps ahead of the writer,
+//! from 64 KiB, doubling while the partition keeps writing (to 64 MiB) and
+//! halving after a quiet spell, so an idle partition holds almost no disk.
+//! Records are packed back to back from position 0 and the reserved rest of
+//! the file stays zero. Sealing flushes it, writes `.index` and `.timeindex`
+//! (see `index.rs`), truncates the file to the records and fsyncs; sealed
+//! segments are mapped read-only. Byte layout of a record: `record.rs`.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -30,9 +33,13 @@ pub const TIME_INDEX_SUFFIX: &str = "timeindex";
 /// Digits of the base offset in file names, enough for any `u64`.
 pub const BASE_OFFSET_DIGITS: usize = 20;
 const PAGE_BYTES: usize = 4096;
-/// The next segment's file is prepared as `spare-segment-<n>.tmp` and waits
-/// for a roll. A `.tmp` file: open removes it, since it holds no records.
-const SPARE_PREFIX: &str = "spare-segment-";
+/// The first step of space reserved for an active segment's file.
+pub const GROW_STEP_MIN_BYTES: usize = 64 << 10;
+/// The largest step.
+pub const GROW_STEP_MAX_BYTES: usize = 64 << 20;
+/// A step doubles when the writer needs the next one within this time of
+/// the last, and halves when it needs it later.
+const GROW_FAST: Duration = Duration::from_secs(1);
 /// How far past its end a read asks the kernel to read the file ahead.
 const READ_AHEAD_BYTES: usize = 8 << 20;
 /// How far ahead of the record header being read a read prefetches.
@@ -69,18 +76,29 @@ pub(crate) struct Segment {
     released: AtomicUsize,
     /// Bytes faulted in ahead of the writer.
     populated: AtomicUsize,
+    /// Bytes of the file (space reserved for records): the writer never
+    /// writes at or past it, readers never read past it.
+    allocated: AtomicUsize,
+    /// How the next reservation is sized; held while the file grows.
+    grow: Mutex<Grow>,
     first_timestamp_ms: AtomicU64,
     last_timestamp_ms: AtomicU64,
     sealed: AtomicBool,
-    /// The file was renamed into place (a prepared spare) and the directory
-    /// not yet synced: the first flush syncs it, so no record of this
-    /// segment is durable before its name is.
+    /// The file was created and its directory not yet synced: the first
+    /// flush syncs it, so no record of this segment is durable before its
+    /// name is.
     dir_unsynced: AtomicBool,
     /// Held while the directory is synced, so a concurrent flush cannot
     /// report durability before the name is.
     dir_sync: Mutex<()>,
     /// The kernel was last asked to read ahead up to here.
     read_ahead_to: AtomicUsize,
+}
+
+/// The size of the next step of space reserved, and when the last was.
+struct Grow {
+    step: usize,
+    last: Option<Instant>,
 }
 
 /// A record batch read from one segment: whole records, zero-copy.
@@ -92,7 +110,10 @@ pub(crate) struct SegmentRead {
 }
 
 impl Segment {
-    /// Creates and preallocates a new, empty active segment.
+    /// Creates a new, empty active segment: an empty file (space is
+    /// reserved as records arrive) whose directory entry the first flush
+    /// makes durable. No fsync here: creating a segment, or a partition,
+    /// costs a file creation.
     pub(crate) fn create(
         disk: &Disk,
         dir: &Path,
@@ -101,76 +122,36 @@ impl Segment {
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
-        let file = create_preallocated(disk, &path, capacity, false)?;
-        if let Err(e) = sync_dir(disk, dir) {
-            drop(file);
-            let _ = disk.remove_file(&path);
-            return Err(e);
-        }
-        Self::empty_active(disk, path, file, base_offset, capacity, write_path)
-    }
-
-    /// Maps a new file with no records yet as the active segment.
-    fn empty_active(
-        disk: &Disk,
-        path: PathBuf,
-        file: Arc<dyn DiskFile>,
-        base_offset: u64,
-        capacity: u64,
-        write_path: WritePath,
-    ) -> Result<(Arc<Segment>, MapWriter)> {
+        let file = disk.create_new(&path).map_err(StorageError::io(&path))?;
         let scan = Scan {
             next_offset: base_offset,
             ..Scan::default()
         };
-        Self::active_from_scan(
+        let parts = Self::active_from_scan(
             disk,
             path,
             file,
             base_offset,
             capacity as usize,
+            0,
             scan,
             write_path,
-        )
-    }
-
-    /// Turns a prepared spare (see [`prepare_spare`]) into a new, empty
-    /// active segment: a rename, no flush. The directory is synced by the
-    /// segment's first flush.
-    pub(crate) fn from_spare(
-        disk: &Disk,
-        dir: &Path,
-        spare: Spare,
-        base_offset: u64,
-        capacity: u64,
-        write_path: WritePath,
-    ) -> Result<(Arc<Segment>, MapWriter)> {
-        let path = dir.join(file_name(base_offset, LOG_SUFFIX));
-        let Spare {
-            file: spare,
-            path: from,
-            ..
-        } = spare;
-        if disk.exists(&path) {
-            return Err(StorageError::io(&path)(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "a segment file with this base offset already exists",
-            )));
-        }
-        disk.rename(&from, &path).map_err(StorageError::io(&from))?;
-        let parts = Self::empty_active(disk, path, spare, base_offset, capacity, write_path)?;
+        )?;
         parts.0.dir_unsynced.store(true, Ordering::Release);
         Ok(parts)
     }
 
     /// Maps an existing active segment for appending after `scan.valid_end`.
     /// The caller has already cleared anything past it.
+    /// `allocated` is the file's length now.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn active_from_scan(
         disk: &Disk,
         path: PathBuf,
         file: Arc<dyn DiskFile>,
         base_offset: u64,
         capacity: usize,
+        allocated: usize,
         scan: Scan,
         write_path: WritePath,
     ) -> Result<(Arc<Segment>, MapWriter)> {
@@ -196,6 +177,11 @@ impl Segment {
             flushed: AtomicUsize::new(scan.valid_end),
             released: AtomicUsize::new(0),
             populated: AtomicUsize::new(0),
+            allocated: AtomicUsize::new(allocated),
+            grow: Mutex::new(Grow {
+                step: GROW_STEP_MIN_BYTES,
+                last: None,
+            }),
             first_timestamp_ms: AtomicU64::new(scan.first_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             last_timestamp_ms: AtomicU64::new(scan.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(false),
@@ -299,6 +285,11 @@ impl Segment {
             flushed: AtomicUsize::new(len as usize),
             released: AtomicUsize::new(0),
             populated: AtomicUsize::new(len as usize),
+            allocated: AtomicUsize::new(len as usize),
+            grow: Mutex::new(Grow {
+                step: GROW_STEP_MIN_BYTES,
+                last: None,
+            }),
             first_timestamp_ms: AtomicU64::new(first_ts),
             last_timestamp_ms: AtomicU64::new(tail.last_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
             sealed: AtomicBool::new(true),
@@ -502,6 +493,74 @@ impl Segment {
         Ok(())
     }
 
+    /// Bytes of the file: space reserved for records.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Acquire) as u64
+    }
+
+    /// Makes sure the file holds at least `end` bytes, reserving the next
+    /// step if it does not (with zeros written and synced if `zeroes`). The
+    /// writer calls it before writing past the reserved end (through the
+    /// map, a page past the file's end is a SIGBUS), so a full disk fails
+    /// an append before any of its bytes is written. `end` is at most the
+    /// map's capacity.
+    pub(crate) fn reserve(&self, end: usize, zeroes: bool) -> Result<()> {
+        if end <= self.allocated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.grow_to(end, zeroes)
+    }
+
+    /// Reserves the next step ahead of the writer once it is within half a
+    /// step of the reserved end (the background work calls this, so the
+    /// append path seldom waits on `fallocate`).
+    pub(crate) fn reserve_ahead(&self, cursor: usize, zeroes: bool) -> Result<()> {
+        let allocated = self.allocated.load(Ordering::Acquire);
+        let half_step = lock(&self.grow).step / 2;
+        if allocated >= self.map.capacity() || cursor + half_step < allocated {
+            return Ok(());
+        }
+        self.grow_to(allocated + 1, zeroes)
+    }
+
+    fn grow_to(&self, end: usize, zeroes: bool) -> Result<()> {
+        let mut grow = lock(&self.grow);
+        let from = self.allocated.load(Ordering::Acquire);
+        if end <= from {
+            return Ok(());
+        }
+        let now = Instant::now();
+        grow.step = match grow.last {
+            None => GROW_STEP_MIN_BYTES,
+            Some(last) if now.duration_since(last) < GROW_FAST => {
+                (grow.step * 2).min(GROW_STEP_MAX_BYTES)
+            }
+            Some(_) => (grow.step / 2).max(GROW_STEP_MIN_BYTES),
+        };
+        grow.last = Some(now);
+        let wanted = end.max(from + grow.step).div_ceil(PAGE_BYTES) * PAGE_BYTES;
+        let to = wanted.min(self.map.capacity()).max(end);
+        self.file
+            .allocate(to as u64)
+            .map_err(StorageError::io(&self.path))?;
+        if zeroes {
+            self.file
+                .write_zeroes(from as u64..to as u64)
+                .map_err(StorageError::io(&self.path))?;
+        }
+        self.allocated.store(to, Ordering::Release);
+        Ok(())
+    }
+
+    /// Forgets that anything of the segment is durable, so the next flush
+    /// syncs the file whatever it holds, and its directory entry (open,
+    /// after a crash: records read back, and the file's very name, may be
+    /// only in the page cache of a killed process).
+    pub(crate) fn forget_durable(&self) {
+        self.flushed.store(0, Ordering::Release);
+        self.dir_unsynced.store(true, Ordering::Release);
+    }
+
     /// Makes everything in the file durable, whatever the flushed mark
     /// says: open calls it after a crash, when the records it found may
     /// only be in the page cache.
@@ -516,7 +575,7 @@ impl Segment {
             return false;
         }
         let populated = self.populated.load(Ordering::Acquire);
-        populated < self.map.capacity() && cursor + window / 2 >= populated
+        populated < self.allocated.load(Ordering::Acquire) && cursor + window / 2 >= populated
     }
 
     /// Faults in `[cursor, cursor + window)` (the part not yet faulted in).
@@ -525,7 +584,8 @@ impl Segment {
             .populated
             .load(Ordering::Acquire)
             .max(cursor - cursor % PAGE_BYTES);
-        let to = (cursor + window).min(self.map.capacity());
+        // Never past the file's end: a page there is not backed (SIGBUS).
+        let to = (cursor + window).min(self.allocated.load(Ordering::Acquire));
         if from >= to {
             return Ok(());
         }
@@ -700,70 +760,6 @@ fn write_seal(
     )?;
     file.set_len(end as u64).map_err(StorageError::io(path))?;
     file.sync_all().map_err(StorageError::io(path))
-}
-
-/// A prepared file for the next segment.
-pub(crate) struct Spare {
-    disk: Disk,
-    file: Arc<dyn DiskFile>,
-    path: PathBuf,
-}
-
-impl Spare {
-    /// Removes the file (at close: a spare holds no records).
-    pub(crate) fn discard(self) {
-        drop(self.file);
-        let _ = self.disk.remove_file(&self.path);
-    }
-}
-
-/// Prepares a file for the next segment (`spare-segment-<n>.tmp`, a name
-/// no other caller uses): `capacity` bytes reserved, written with zeros if
-/// `zeroes`, everything synced. Runs on the background thread. On failure
-/// (a full disk) the file is removed.
-pub(crate) fn prepare_spare(
-    disk: &Disk,
-    dir: &Path,
-    n: u64,
-    capacity: u64,
-    zeroes: bool,
-) -> Result<Spare> {
-    let path = dir.join(format!("{SPARE_PREFIX}{n}.tmp"));
-    let file = create_preallocated(disk, &path, capacity, zeroes)?;
-    Ok(Spare {
-        disk: disk.clone(),
-        file,
-        path,
-    })
-}
-
-/// Creates `path` (which must not exist) with `capacity` bytes reserved,
-/// written with zeros if `zeroes`, and synced. A full disk refuses the
-/// preallocation: the empty file is then taken back, so the next attempt
-/// (once space is freed) can create it again.
-fn create_preallocated(
-    disk: &Disk,
-    path: &Path,
-    capacity: u64,
-    zeroes: bool,
-) -> Result<Arc<dyn DiskFile>> {
-    let file = disk.create_new(path).map_err(StorageError::io(path))?;
-    let prepared = (|| {
-        file.allocate(capacity).map_err(StorageError::io(path))?;
-        if zeroes {
-            file.write_zeroes(capacity)
-                .map_err(StorageError::io(path))?;
-        }
-        file.sync_all().map_err(StorageError::io(path))
-    })();
-    match prepared {
-        Ok(()) => Ok(file),
-        Err(e) => {
-            drop(file);
-            let _ = disk.remove_file(path);
-            Err(e)
-        }
-    }
 }
 
 /// Writes a whole file durably: temporary name, fsync, rename, fsync dir.

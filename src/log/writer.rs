@@ -4,13 +4,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
-use std::time::{Duration, Instant};
 
 use super::error::{Result, StorageError};
 use super::options::{FlushMode, Preallocate};
 use super::record::{self, Message};
-use super::segment::{self, Segment};
-use super::{AppendOutcome, Appended, Inner, Signal, Writer};
+use super::segment::Segment;
+use super::workers::Job;
+use super::{AppendOutcome, Appended, Inner, Writer};
 use crate::sync::{lock, read, write};
 
 /// Whether an append may roll the active segment.
@@ -23,9 +23,6 @@ pub(super) enum Roll {
 
 /// Dropped pages are released in steps of at least this many bytes.
 const RELEASE_STEP_BYTES: usize = 8 << 20;
-
-/// After failing to prepare the next segment's file, wait this long.
-const SPARE_RETRY: Duration = Duration::from_secs(1);
 
 /// How many messages ahead of the one being appended the dedup window's
 /// cache lines are prefetched.
@@ -83,6 +80,7 @@ impl Inner {
         let mut appended_bytes = 0u64;
         let mut first_ts = None;
         let interval = self.options.index_interval_bytes;
+        let zeroes = self.zeroes();
         // The index is locked once per batch (and again after a roll), not
         // once per record.
         let mut active = Arc::clone(&w.active);
@@ -125,6 +123,17 @@ impl Inner {
                 active = Arc::clone(&w.active);
                 index = active.index();
             }
+            if let Err(e) = active.reserve(w.map.cursor() + len, zeroes) {
+                // No space for this record: what the batch wrote so far
+                // stays (published, as a roll would), nothing after it.
+                drop(index);
+                self.publish(w)?;
+                if let Some(first) = first_ts {
+                    w.active.note_appended(w.next_offset, first, now);
+                }
+                w.last_timestamp_ms = now;
+                return Err(e);
+            }
             let offset = w.next_offset;
             let position = w.map.cursor();
             let lag = u32::try_from(offset - durable.min(offset)).unwrap_or(u32::MAX);
@@ -157,10 +166,10 @@ impl Inner {
         let dedup_work = w.dedup.has_spare_work();
         drop(guard);
         if prefault && !self.prefault_requested.swap(true, Ordering::AcqRel) {
-            let _ = self.prefault_signal.try_send(Signal::Flush);
+            self.wake(Job::Prefault);
         }
         if dedup_work && !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
-            let _ = self.signal.try_send(Signal::Work);
+            self.wake(Job::Background);
         }
         if appended_bytes > 0 {
             self.note_appended_bytes(appended_bytes);
@@ -192,20 +201,19 @@ impl Inner {
         {
             let unflushed = total - self.flushed_bytes.load(Ordering::Acquire).min(total);
             if unflushed >= threshold && !self.flush_requested.swap(true, Ordering::AcqRel) {
-                let _ = self.signal.try_send(Signal::Flush);
+                self.wake(Job::Background);
             }
         }
     }
 
     /// Starts a new segment at the next offset: the old segment flushed
-    /// first, then the prepared spare renamed into place (or a file created
-    /// now if none is ready). So a segment file exists after the old one
-    /// only once every byte of the old one is durable: a crash at any point
-    /// leaves either the old segment last, its tail judged as any active
-    /// tail, or a whole old segment before an empty new one. The old
-    /// segment's seal (index files, truncation: three more fsyncs) is left
-    /// to the background thread; a crash before it is done leaves a
-    /// segment that open seals.
+    /// first, then the new segment's (empty) file created. So a segment
+    /// file exists after the old one only once every byte of the old one is
+    /// durable: a crash at any point leaves either the old segment last, its
+    /// tail judged as any active tail, or a whole old segment before an
+    /// empty new one. The old segment's seal (index files, truncation:
+    /// three more fsyncs) is left to the background work; a crash before it
+    /// is done leaves a segment that open seals.
     pub(super) fn roll(&self, w: &mut Writer) -> Result<()> {
         // One seal pending at a time.
         self.finish_seal();
@@ -221,25 +229,19 @@ impl Inner {
         }
         let base = w.next_offset;
         self.group.advance(base);
-        let (capacity, write_path) = (self.options.segment_bytes, self.options.write_path);
-        let spare = lock(&self.spare).take();
-        let disk = &self.options.disk;
-        let created = match spare {
-            Some(spare) => Segment::from_spare(disk, &self.dir, spare, base, capacity, write_path)
-                .or_else(|e| {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "could not use the prepared segment file; creating one");
-                    Segment::create(disk, &self.dir, base, capacity, write_path)
-                }),
-            None => Segment::create(disk, &self.dir, base, capacity, write_path),
-        };
-        let (segment, map) = created?;
+        let (segment, map) = Segment::create(
+            &self.options.disk,
+            &self.dir,
+            base,
+            self.options.segment_bytes,
+            self.options.write_path,
+        )?;
         let old_map = std::mem::replace(&mut w.map, map);
         let old = std::mem::replace(&mut w.active, Arc::clone(&segment));
         write(&self.segments).push(segment);
         *lock(&self.unsealed) = Some((old, old_map));
-        if !self.dedup_work_requested.swap(true, Ordering::AcqRel) {
-            let _ = self.signal.try_send(Signal::Work);
-        }
+        // The seal, and the new segment's space, off the append path.
+        self.wake(Job::Background);
         tracing::debug!(dir = %self.dir.display(), base_offset = base, "rolled to a new segment");
         Ok(())
     }
@@ -255,50 +257,24 @@ impl Inner {
         }
     }
 
-    /// Prepares the next segment's file once the active one is a quarter
-    /// full (so idle logs do not hold a second preallocated file).
-    pub(super) fn prepare_spare_if_due(&self) {
-        if lock(&self.spare).is_some() {
-            return;
-        }
-        if lock(&self.spare_failed_at).is_some_and(|t| t.elapsed() < SPARE_RETRY) {
-            return;
-        }
-        let (cursor, capacity) = {
+    /// Reserves the next step of the active segment's file ahead of the
+    /// writer when it nears the reserved end (see `Segment::reserve_ahead`).
+    pub(super) fn reserve_ahead(&self) {
+        let (segment, cursor) = {
             let w = self.lock_writer();
             if w.broken.is_some() {
                 return;
             }
-            (w.map.cursor() as u64, w.active.capacity_bytes())
+            (Arc::clone(&w.active), w.map.cursor())
         };
-        if cursor < capacity / 4 {
-            return;
+        if let Err(e) = segment.reserve_ahead(cursor, self.zeroes()) {
+            // The append that needs the space will fail with this error.
+            tracing::debug!(dir = %self.dir.display(), error = %e, "could not reserve space ahead of the writer");
         }
-        let n = self.spares_prepared.fetch_add(1, Ordering::Relaxed);
-        let zeroes = self.options.preallocate == Preallocate::Zeroes;
-        match segment::prepare_spare(
-            &self.options.disk,
-            &self.dir,
-            n,
-            self.options.segment_bytes,
-            zeroes,
-        ) {
-            Ok(spare) => {
-                *lock(&self.spare_failed_at) = None;
-                *lock(&self.spare) = Some(spare);
-            }
-            Err(e) => {
-                // Said once per run of failures (a full disk may last).
-                if lock(&self.spare_failed_at)
-                    .replace(Instant::now())
-                    .is_none()
-                {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file; trying again every second");
-                } else {
-                    tracing::debug!(dir = %self.dir.display(), error = %e, "could not prepare the next segment file");
-                }
-            }
-        }
+    }
+
+    pub(super) fn zeroes(&self) -> bool {
+        self.options.preallocate == Preallocate::Zeroes
     }
 
     pub(super) fn wait_durable(&self, target: u64) -> Result<()> {

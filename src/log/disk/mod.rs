@@ -114,13 +114,13 @@ pub trait DiskFile: Send + Sync + 'static {
     fn advise(&self, range: Range<u64>, advice: Advice) {
         let _ = (range, advice);
     }
-    /// Writes zeros over `[0, len)` and syncs them (`Preallocate::Zeroes`).
-    fn write_zeroes(&self, len: u64) -> io::Result<()> {
+    /// Writes zeros over `range` and syncs them (`Preallocate::Zeroes`).
+    fn write_zeroes(&self, range: Range<u64>) -> io::Result<()> {
         const CHUNK: usize = 1 << 20;
         let zeros = vec![0u8; CHUNK];
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(CHUNK as u64) as usize;
+        let mut at = range.start;
+        while at < range.end {
+            let n = (range.end - at).min(CHUNK as u64) as usize;
             self.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }

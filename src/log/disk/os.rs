@@ -189,34 +189,42 @@ impl DiskFile for OsFile {
     /// Through a second, `O_DIRECT` handle from one page-aligned buffer
     /// where the file system allows it (no page cache filled, almost no
     /// CPU), else through the page cache, whose pages are then let go.
-    fn write_zeroes(&self, len: u64) -> io::Result<()> {
+    fn write_zeroes(&self, range: Range<u64>) -> io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         // An anonymous map is page-aligned and already zero.
         let zeros = memmap2::MmapMut::map_anon(ZERO_CHUNK_BYTES)?;
-        let aligned = len - len % PAGE_BYTES;
-        let mut at = 0u64;
-        let direct = File::options()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(&self.path);
-        if let Ok(direct) = direct {
-            while at < aligned {
-                let n = (aligned - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-                if direct.write_all_at(&zeros[..n], at).is_err() {
-                    break; // not supported after all: the page cache does the rest
-                }
+        let buffered = |from: u64, to: u64| -> io::Result<()> {
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                self.file.write_all_at(&zeros[..n], at)?;
                 at += n as u64;
             }
+            Ok(())
+        };
+        let first_page = range.start.div_ceil(PAGE_BYTES) * PAGE_BYTES;
+        let last_page = range.end - range.end % PAGE_BYTES;
+        let mut at = first_page.min(range.end);
+        buffered(range.start, at)?;
+        if first_page < last_page {
+            let direct = File::options()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&self.path);
+            if let Ok(direct) = direct {
+                while at < last_page {
+                    let n = (last_page - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+                    if direct.write_all_at(&zeros[..n], at).is_err() {
+                        break; // not supported after all: the page cache does the rest
+                    }
+                    at += n as u64;
+                }
+            }
         }
-        let buffered_from = at;
-        while at < len {
-            let n = (len - at).min(ZERO_CHUNK_BYTES as u64) as usize;
-            self.file.write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
-        if buffered_from < len {
-            self.file.sync_data()?;
-            self.advise(buffered_from..len, Advice::DontNeed);
+        buffered(at, range.end)?;
+        self.file.sync_data()?;
+        if at < range.end {
+            self.advise(at..range.end, Advice::DontNeed);
         }
         Ok(())
     }
