@@ -58,6 +58,14 @@ pub struct BrokerConfig {
     pub retention_check_interval_ms: u64,
     /// Partitions of a topic created without a count. Default: 1.
     pub default_partitions: u32,
+    /// The most partitions a topic may be created with. Default: 10,000
+    /// (at most 100,000, what the wire carries).
+    pub partitions_max: u32,
+    /// The most segment files the broker keeps open at once; the least
+    /// recently used ones whose writes are all synced are closed and opened
+    /// again when next used. Default: 512, half the usual soft limit of
+    /// 1,024 descriptors (`ulimit -n`), the rest left to connections.
+    pub open_files_max: u32,
     /// Producing to an unknown topic creates it. Default: true.
     pub auto_create_topics: bool,
     /// A delivery not acked within this is redelivered. Default: 30,000 ms.
@@ -195,6 +203,8 @@ impl Default for BrokerConfig {
             retention_bytes: None,
             retention_check_interval_ms: 10_000,
             default_partitions: 1,
+            partitions_max: 10_000,
+            open_files_max: 512,
             auto_create_topics: true,
             ack_timeout_ms: 30_000,
             max_deliveries: 16,
@@ -274,12 +284,19 @@ fn in_range(key: &'static str, min: u64, max: u64, got: u64) -> Result<(), Confi
 impl BrokerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         in_range(
-            "default_partitions",
+            "partitions_max",
             1,
             u64::from(PARTITIONS_MAX),
+            u64::from(self.partitions_max),
+        )?;
+        in_range(
+            "default_partitions",
+            1,
+            u64::from(self.partitions_max),
             u64::from(self.default_partitions),
         )?;
         at_least("max_deliveries", 1, u64::from(self.max_deliveries))?;
+        at_least("open_files_max", 16, u64::from(self.open_files_max))?;
         at_least(
             "retention_check_interval_ms",
             1,
@@ -341,6 +358,8 @@ impl BrokerConfig {
             dedup_window_ms,
             retention_check_interval_ms,
             default_partitions,
+            partitions_max,
+            open_files_max,
             auto_create_topics,
             ack_timeout_ms,
             max_deliveries,
@@ -508,6 +527,8 @@ pub const FILE_KEYS: &[&str] = &[
     "retention_bytes",
     "retention_check_interval_ms",
     "default_partitions",
+    "partitions_max",
+    "open_files_max",
     "auto_create_topics",
     "ack_timeout_ms",
     "max_deliveries",
@@ -549,6 +570,8 @@ struct FileConfig {
     retention_bytes: Option<u64>,
     retention_check_interval_ms: Option<u64>,
     default_partitions: Option<u32>,
+    partitions_max: Option<u32>,
+    open_files_max: Option<u32>,
     auto_create_topics: Option<bool>,
     ack_timeout_ms: Option<u32>,
     max_deliveries: Option<u16>,

@@ -44,7 +44,8 @@ use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
 use crate::log::{
-    AppendOutcome, Appended, Background, FlushMode, Log, Options, StorageError, Workers,
+    AppendOutcome, Appended, Background, Disk, FileBudget, FlushMode, Log, Options, StorageError,
+    Workers,
 };
 use crate::protocol::body::{
     self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, NameError,
@@ -364,6 +365,8 @@ pub struct Broker {
     /// Run every partition's background work and flushes: no partition
     /// has a thread of its own.
     workers: Arc<Workers>,
+    /// Every partition's files, at most `open_files_max` open at once.
+    files: FileBudget,
     topics: Topics,
     groups: Mutex<Option<GroupStore>>,
     schedule: Arc<Schedule>,
@@ -381,6 +384,7 @@ impl Broker {
         config.validate()?;
         let workers = Workers::start(Workers::default_threads(), "bida-io")
             .map_err(io_err(&config.data_dir))?;
+        let files = FileBudget::new(Disk::os(), config.open_files_max as usize);
         let topics_dir = config.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let topics: Topics = Arc::default();
@@ -396,7 +400,7 @@ impl Broker {
             config.groups_compact_bytes,
             collector,
         )?;
-        let mut schedule_options = log_options(&config, &workers);
+        let mut schedule_options = log_options(&config, &workers, &files);
         // A scheduled message is the user's record plus a small wrapper;
         // its segments are at most 64 MiB (a small disk holds them) and
         // always hold the largest one.
@@ -422,6 +426,7 @@ impl Broker {
         let broker = Arc::new(Broker {
             config,
             workers,
+            files,
             topics,
             groups: Mutex::new(Some(store)),
             schedule,
@@ -483,7 +488,7 @@ impl Broker {
     fn log_options(&self) -> Options {
         Options {
             lock_dir: false,
-            ..log_options(&self.config, &self.workers)
+            ..log_options(&self.config, &self.workers, &self.files)
         }
     }
 
@@ -492,20 +497,37 @@ impl Broker {
     fn open_topic(&self, name: &str, create: Option<TopicMeta>) -> Result<Arc<Topic>, BrokerError> {
         let dir = self.config.data_dir.join("topics").join(name);
         let meta_path = dir.join("topic.json");
+        let creating = create.is_some();
         let meta = match create {
             Some(meta) => {
-                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-                let tmp = dir.join("topic.json.tmp");
-                let json = serde_json::to_vec_pretty(&meta)
-                    .map_err(|e| io_err(&tmp)(std::io::Error::from(e)))?;
-                fs::write(&tmp, json).map_err(io_err(&tmp))?;
-                fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(&tmp))?;
-                fs::rename(&tmp, &meta_path).map_err(io_err(&meta_path))?;
-                fs::File::open(&dir)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err(&dir))?;
+                // Every partition's directory, then topic.json, then one
+                // directory sync for all of them: a topic exists (is opened
+                // at start) only once its file does, and a failure before
+                // leaves nothing behind.
+                let made = (|| -> std::io::Result<()> {
+                    fs::create_dir_all(&dir)?;
+                    for index in 0..meta.partitions {
+                        match fs::create_dir(dir.join(index.to_string())) {
+                            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                                return Err(e)
+                            }
+                            _ => {}
+                        }
+                    }
+                    let tmp = dir.join("topic.json.tmp");
+                    fs::write(&tmp, serde_json::to_vec_pretty(&meta)?)?;
+                    fs::File::open(&tmp)?.sync_all()?;
+                    fs::rename(&tmp, &meta_path)?;
+                    fs::File::open(&dir)?.sync_all()?;
+                    match dir.parent() {
+                        Some(topics) => fs::File::open(topics)?.sync_all(),
+                        None => Ok(()),
+                    }
+                })();
+                if let Err(e) = made {
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(io_err(&dir)(e));
+                }
                 meta
             }
             None => {
@@ -532,7 +554,16 @@ impl Broker {
         };
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for index in 0..meta.partitions {
-            let log = Arc::new(Log::open(dir.join(index.to_string()), self.log_options())?);
+            let log = match Log::open(dir.join(index.to_string()), self.log_options()) {
+                Ok(log) => Arc::new(log),
+                Err(e) if creating => {
+                    // A new topic the disk had no room for: taken back whole.
+                    drop(partitions);
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             let metrics = Arc::clone(&self.metrics);
             log.observe_flushes(Arc::new(move |d| metrics.flushed(d)));
             let report = log.recovery_report();
@@ -606,10 +637,10 @@ impl Broker {
         } else {
             req.partitions
         };
-        if partitions > PARTITIONS_MAX {
+        if partitions > self.config.partitions_max {
             return Err(Invalid::Partitions {
                 requested: partitions,
-                max: PARTITIONS_MAX,
+                max: self.config.partitions_max,
             }
             .into());
         }
@@ -1325,8 +1356,9 @@ impl Broker {
 }
 
 /// The options of every partition's log.
-fn log_options(config: &BrokerConfig, workers: &Arc<Workers>) -> Options {
+fn log_options(config: &BrokerConfig, workers: &Arc<Workers>, files: &FileBudget) -> Options {
     let mut o = Options {
+        disk: Disk::new(files.clone()),
         background: Background::Pool(Arc::clone(workers)),
         flush: config.flush,
         write_path: config.write_path,

@@ -67,6 +67,12 @@ pub struct Args {
     /// Partitions of topics created without a count [default: 1]
     #[arg(long)]
     pub default_partitions: Option<u32>,
+    /// The most partitions a topic may be created with [default: 10000]
+    #[arg(long)]
+    pub partitions_max: Option<u32>,
+    /// The most segment files kept open at once [default: 512]
+    #[arg(long)]
+    pub open_files_max: Option<u32>,
     /// Unacked deliveries are redelivered after this [default: 30000]
     #[arg(long)]
     pub ack_timeout_ms: Option<u32>,
@@ -212,6 +218,8 @@ impl Args {
         set!(
             segment_bytes,
             default_partitions,
+            partitions_max,
+            open_files_max,
             ack_timeout_ms,
             max_deliveries,
             max_connections,

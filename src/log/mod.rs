@@ -49,7 +49,7 @@ use bytes::Bytes;
 
 pub use clock::Clock;
 pub use dedup::DedupIndex;
-pub use disk::{Crash, Disk, MemoryDisk};
+pub use disk::{Crash, Disk, FileBudget, MemoryDisk};
 pub use error::{Bound, Result, StorageError};
 pub use journal::FlushJournal;
 pub use options::{

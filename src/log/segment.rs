@@ -517,7 +517,9 @@ impl Segment {
     pub(crate) fn reserve_ahead(&self, cursor: usize, zeroes: bool) -> Result<()> {
         let allocated = self.allocated.load(Ordering::Acquire);
         let half_step = lock(&self.grow).step / 2;
-        if allocated >= self.map.capacity() || cursor + half_step < allocated {
+        // Nothing for a segment never written to: an idle partition holds
+        // no space.
+        if cursor == 0 || allocated >= self.map.capacity() || cursor + half_step < allocated {
             return Ok(());
         }
         self.grow_to(allocated + 1, zeroes)

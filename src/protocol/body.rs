@@ -17,8 +17,9 @@ pub const TEXT_MAX: usize = 4096;
 pub const PRODUCE_MESSAGES_MAX: usize = 100_000;
 /// Most entries in one ACK or NACK.
 pub const ACK_ENTRIES_MAX: usize = 100_000;
-/// Most partitions a topic may have.
-pub const PARTITIONS_MAX: u32 = 1024;
+/// Most partitions a topic may have on the wire (a broker creates at most
+/// its `partitions_max`, 10,000 by default).
+pub const PARTITIONS_MAX: u32 = 100_000;
 /// Most topics or groups listed in one reply.
 pub const LIST_MAX: usize = 100_000;
 /// `partition` value meaning "any partition".

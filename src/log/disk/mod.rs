@@ -25,6 +25,7 @@
 //! the file and mirrors it into the copy (see `mmap.rs`), and never drops
 //! the copy's pages.
 
+mod budget;
 mod memory;
 mod os;
 
@@ -36,6 +37,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use budget::FileBudget;
 pub use memory::{Crash, MemoryDisk};
 pub use os::OsDisk;
 
