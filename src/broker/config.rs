@@ -61,6 +61,11 @@ pub struct BrokerConfig {
     /// The most partitions a topic may be created with. Default: 10,000
     /// (at most 100,000, what the wire carries).
     pub partitions_max: u32,
+    /// Memory all partitions' dedup windows share, in bytes: each busy
+    /// partition's window holds at most its share (this budget split
+    /// evenly among the partitions holding any id, at least 1,024 ids, at
+    /// most `dedup_window_ids`). Default: 512 MiB (about 15 M ids).
+    pub dedup_memory_max: u64,
     /// The most segment files the broker keeps open at once; the least
     /// recently used ones whose writes are all synced are closed and opened
     /// again when next used. Default: 512, half the usual soft limit of
@@ -205,6 +210,7 @@ impl Default for BrokerConfig {
             default_partitions: 1,
             partitions_max: 10_000,
             open_files_max: 512,
+            dedup_memory_max: 512 << 20,
             auto_create_topics: true,
             ack_timeout_ms: 30_000,
             max_deliveries: 16,
@@ -297,6 +303,7 @@ impl BrokerConfig {
         )?;
         at_least("max_deliveries", 1, u64::from(self.max_deliveries))?;
         at_least("open_files_max", 16, u64::from(self.open_files_max))?;
+        at_least("dedup_memory_max", 1 << 20, self.dedup_memory_max)?;
         at_least(
             "retention_check_interval_ms",
             1,
@@ -360,6 +367,7 @@ impl BrokerConfig {
             default_partitions,
             partitions_max,
             open_files_max,
+            dedup_memory_max,
             auto_create_topics,
             ack_timeout_ms,
             max_deliveries,
@@ -529,6 +537,7 @@ pub const FILE_KEYS: &[&str] = &[
     "default_partitions",
     "partitions_max",
     "open_files_max",
+    "dedup_memory_max",
     "auto_create_topics",
     "ack_timeout_ms",
     "max_deliveries",
@@ -572,6 +581,7 @@ struct FileConfig {
     default_partitions: Option<u32>,
     partitions_max: Option<u32>,
     open_files_max: Option<u32>,
+    dedup_memory_max: Option<u64>,
     auto_create_topics: Option<bool>,
     ack_timeout_ms: Option<u32>,
     max_deliveries: Option<u16>,

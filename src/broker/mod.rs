@@ -44,8 +44,8 @@ use schedule::Schedule;
 
 use crate::log::record::{encode_headers, HeaderIter, InnerMsgId, Message};
 use crate::log::{
-    AppendOutcome, Appended, Background, Disk, FileBudget, FlushMode, Log, Options, StorageError,
-    Workers,
+    AppendOutcome, Appended, Background, DedupBudget, Disk, FileBudget, FlushMode, Log, Options,
+    StorageError, Workers,
 };
 use crate::protocol::body::{
     self, check_name, encode_delivery, AckRequest, Backoff, GroupPartition, NameError,
@@ -367,6 +367,8 @@ pub struct Broker {
     workers: Arc<Workers>,
     /// Every partition's files, at most `open_files_max` open at once.
     files: FileBudget,
+    /// The memory every partition's dedup window shares.
+    dedup_budget: Arc<DedupBudget>,
     topics: Topics,
     groups: Mutex<Option<GroupStore>>,
     schedule: Arc<Schedule>,
@@ -385,6 +387,7 @@ impl Broker {
         let workers = Workers::start(Workers::default_threads(), "bida-io")
             .map_err(io_err(&config.data_dir))?;
         let files = FileBudget::new(Disk::os(), config.open_files_max as usize);
+        let dedup_budget = Arc::new(DedupBudget::new(config.dedup_memory_max));
         let topics_dir = config.data_dir.join("topics");
         fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
         let topics: Topics = Arc::default();
@@ -401,6 +404,7 @@ impl Broker {
             collector,
         )?;
         let mut schedule_options = log_options(&config, &workers, &files);
+        schedule_options.dedup_budget = None;
         // A scheduled message is the user's record plus a small wrapper;
         // its segments are at most 64 MiB (a small disk holds them) and
         // always hold the largest one.
@@ -427,6 +431,7 @@ impl Broker {
             config,
             workers,
             files,
+            dedup_budget,
             topics,
             groups: Mutex::new(Some(store)),
             schedule,
@@ -442,17 +447,44 @@ impl Broker {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         names.sort();
+        let partitions: usize = names
+            .iter()
+            .map(|n| {
+                fs::read_dir(topics_dir.join(n)).map_or(0, |entries| {
+                    entries
+                        .filter_map(|e| e.ok())
+                        .filter(|e| {
+                            e.file_name()
+                                .to_str()
+                                .is_some_and(|s| s.parse::<u32>().is_ok())
+                        })
+                        .count()
+                })
+            })
+            .sum();
+        broker.dedup_budget.expect_windows(partitions as u64);
         for name in names {
             let topic = broker.open_topic(&name, None)?;
             broker.restore_groups(&topic, &stored);
             write(&broker.topics).insert(name, topic);
         }
+        broker.dedup_budget.expect_windows(0);
         // After the topics: the scheduler delivers into them.
         broker
             .schedule
             .start(Arc::downgrade(&broker))
             .map_err(io_err(&broker.config.data_dir))?;
         Ok(broker)
+    }
+
+    /// The memory every partition's dedup window shares.
+    pub fn dedup_budget(&self) -> &DedupBudget {
+        &self.dedup_budget
+    }
+
+    /// Segment files open now, and the most kept open.
+    pub fn open_files(&self) -> (usize, usize) {
+        (self.files.open_files(), self.files.max())
     }
 
     /// Delayed messages and transactions.
@@ -488,6 +520,7 @@ impl Broker {
     fn log_options(&self) -> Options {
         Options {
             lock_dir: false,
+            dedup_budget: Some(Arc::clone(&self.dedup_budget)),
             ..log_options(&self.config, &self.workers, &self.files)
         }
     }

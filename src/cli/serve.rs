@@ -73,6 +73,9 @@ pub struct Args {
     /// The most segment files kept open at once [default: 512]
     #[arg(long)]
     pub open_files_max: Option<u32>,
+    /// Memory all partitions' dedup windows share, bytes [default: 536870912]
+    #[arg(long)]
+    pub dedup_memory_max: Option<u64>,
     /// Unacked deliveries are redelivered after this [default: 30000]
     #[arg(long)]
     pub ack_timeout_ms: Option<u32>,
@@ -220,6 +223,7 @@ impl Args {
             default_partitions,
             partitions_max,
             open_files_max,
+            dedup_memory_max,
             ack_timeout_ms,
             max_deliveries,
             max_connections,

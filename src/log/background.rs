@@ -4,14 +4,16 @@
 //! the writer, and answering durable waits.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::error::StorageError;
 use super::open::write_checkpoint;
 use super::options::FlushMode;
 use super::recovery::Checkpoint;
+use super::segment::Segment;
 use super::workers::{Job, Task};
-use super::Inner;
+use super::{DurableCallback, Inner};
 use crate::sync::lock;
 
 impl Inner {
@@ -96,6 +98,14 @@ impl Inner {
                 state.last_flush = Instant::now();
             }
         }
+        // An idle window forgets by age here (an append would do it): its
+        // tables go once it is empty.
+        {
+            let mut w = self.lock_writer();
+            let now = options.clock.now_ms().max(w.last_timestamp_ms);
+            w.dedup.expire(now);
+            w.dedup.report();
+        }
         // Full-size dedup tables are prepared (and old ones dropped) here,
         // not on the append path.
         self.dedup_work_requested.store(false, Ordering::Release);
@@ -149,7 +159,7 @@ impl Inner {
     }
 
     /// Answers the pending durable waits: one group commit for the
-    /// highest target, then each wait with the outcome. A worker runs this.
+    /// highest target, then each wait with the outcome (close runs this).
     pub(super) fn answer_waiters(&self) {
         let pending = std::mem::take(&mut *lock(&self.waiters));
         let Some(target) = pending.iter().map(|(t, _)| *t).max() else {
@@ -164,12 +174,194 @@ impl Inner {
 
 /// The workers run a log through this.
 impl Task for Inner {
-    fn run(&self, job: Job) -> Option<Instant> {
+    fn run(self: Arc<Self>, job: Job, round: &Mutex<FlushRound>) -> Option<Instant> {
         match job {
             Job::Background => return Some(self.background_pass(false)),
             Job::Prefault => self.prefault_ahead(),
-            Job::Flush => self.answer_waiters(),
+            Job::Flush => {
+                if let Some(ticket) = self.take_ticket() {
+                    flush_round(round, ticket);
+                }
+            }
         }
         None
+    }
+}
+
+/// The pending durable waits of one log, with what a flush started now
+/// covers: joined into a round with other logs' (see [`flush_round`]).
+pub(crate) struct FlushTicket {
+    log: Arc<Inner>,
+    segment: Arc<Segment>,
+    /// The segment's published end, the offset after it, the bytes
+    /// appended, and the file's writes begun, when the ticket was taken.
+    end: usize,
+    covers: u64,
+    appended: u64,
+    writes: u64,
+    waiters: Vec<(u64, DurableCallback)>,
+}
+
+/// Flush tickets waiting for a round, and whether one is running.
+#[derive(Default)]
+pub(crate) struct FlushRound {
+    pending: Vec<FlushTicket>,
+    running: bool,
+}
+
+impl Inner {
+    /// The pending durable waits as a ticket; `None` when there are none,
+    /// or all are answered already (durable, or the log failed).
+    fn take_ticket(self: &Arc<Self>) -> Option<FlushTicket> {
+        let waiters = std::mem::take(&mut *lock(&self.waiters));
+        if waiters.is_empty() {
+            return None;
+        }
+        if let Some(failure) = self.group.failure() {
+            for (_, done) in waiters {
+                done(Err(Arc::clone(&failure)));
+            }
+            return None;
+        }
+        let durable = self.group.durable_offset();
+        if waiters.iter().all(|(t, _)| *t <= durable) {
+            for (_, done) in waiters {
+                done(Ok(()));
+            }
+            return None;
+        }
+        let (covers, (segment, end, appended)) = self.flush_target();
+        let writes = segment.file_writes_begun();
+        Some(FlushTicket {
+            log: Arc::clone(self),
+            segment,
+            end,
+            covers,
+            appended,
+            writes,
+            waiters,
+        })
+    }
+}
+
+impl FlushTicket {
+    /// Flushes this ticket's file alone (`fdatasync`, and the directory if
+    /// the segment is new).
+    fn flush_own_file(&self) -> Result<(), Arc<StorageError>> {
+        self.segment
+            .flush_to(self.end, self.log.options.flush_journal.as_ref())
+            .map_err(Arc::new)
+    }
+
+    /// Answers the waits: after a file-system sync (`synced`) or this
+    /// file's own flush, the offsets below `covers` are durable.
+    fn complete(self, outcome: Result<(), Arc<StorageError>>, synced: bool, took: Duration) {
+        let log = &self.log;
+        if let Err(e) = outcome {
+            log.group.fail(Arc::clone(&e));
+            let failure = log.group.failure().unwrap_or(e);
+            for (_, done) in self.waiters {
+                done(Err(Arc::clone(&failure)));
+            }
+            return;
+        }
+        if synced {
+            self.segment
+                .note_synced(self.end, self.writes, log.options.flush_journal.as_ref());
+        }
+        if let Some(observe) = log.flush_observer.get() {
+            observe(took);
+        }
+        log.flushed_bytes.fetch_max(self.appended, Ordering::AcqRel);
+        log.group.advance(self.covers);
+        let mut later = Vec::new();
+        for (target, done) in self.waiters {
+            if target <= self.covers {
+                done(Ok(()));
+            } else {
+                later.push((target, done));
+            }
+        }
+        if !later.is_empty() {
+            lock(&log.waiters).extend(later);
+            log.wake(Job::Flush);
+        }
+    }
+}
+
+/// Joins `ticket` to the pool's round of flushes. The first worker to find
+/// no round running leads: it takes every ticket waiting and makes them
+/// durable together, one `syncfs` per file system when they come from
+/// several logs (one call where each would have been an `fdatasync`: a
+/// broker of a thousand partitions flushes them all at the cost of one),
+/// or the log's own `fdatasync` when they come from one (a sync of the file
+/// system would also wait for other programs' writes); then it answers
+/// them and leads again while tickets arrived meanwhile. Every other worker
+/// leaves its ticket and goes back to work at once.
+fn flush_round(round: &Mutex<FlushRound>, ticket: FlushTicket) {
+    {
+        let mut r = lock(round);
+        r.pending.push(ticket);
+        if r.running {
+            return;
+        }
+        r.running = true;
+    }
+    loop {
+        let batch = {
+            let mut r = lock(round);
+            if r.pending.is_empty() {
+                r.running = false;
+                return;
+            }
+            std::mem::take(&mut r.pending)
+        };
+        let started = Instant::now();
+        let one_log = batch.iter().all(|t| Arc::ptr_eq(&t.log, &batch[0].log));
+        if one_log {
+            // Its latest ticket covers the others.
+            let outcome = batch
+                .iter()
+                .max_by_key(|t| t.covers)
+                .map_or(Ok(()), FlushTicket::flush_own_file);
+            for t in batch {
+                t.complete(outcome.clone(), false, started.elapsed());
+            }
+            continue;
+        }
+        // One sync per file system.
+        let mut groups: Vec<Vec<FlushTicket>> = Vec::new();
+        for t in batch {
+            let fs = t.log.filesystem;
+            match groups
+                .iter_mut()
+                .find(|g| g[0].log.options.disk == t.log.options.disk && g[0].log.filesystem == fs)
+            {
+                Some(g) => g.push(t),
+                None => groups.push(vec![t]),
+            }
+        }
+        for group in groups {
+            let log = Arc::clone(&group[0].log);
+            match log.options.disk.sync_filesystem(&log.dir) {
+                Ok(()) => {
+                    for t in group {
+                        t.complete(Ok(()), true, started.elapsed());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    for t in group {
+                        let outcome = t.flush_own_file();
+                        t.complete(outcome, false, started.elapsed());
+                    }
+                }
+                Err(e) => {
+                    let failure = Arc::new(StorageError::io(&log.dir)(e));
+                    for t in group {
+                        t.complete(Err(Arc::clone(&failure)), true, started.elapsed());
+                    }
+                }
+            }
+        }
     }
 }

@@ -44,6 +44,15 @@
 //! at most (both generations full); 22-23 bytes with the current generation
 //! half full; plus one spare set of tables (6.7 bytes per id of the window)
 //! on a busy log.
+//!
+//! **Many windows, one budget.** The windows of a broker's partitions can
+//! share a [`DedupBudget`]: each holds at most its fair share of the
+//! budget's ids (`bytes_max / BYTES_PER_ID`, split evenly among the windows
+//! that hold any id, never less than `SHARE_IDS_MIN`), so a broker's dedup
+//! memory is bounded whatever its number of busy partitions, and one busy
+//! partition among idle ones gets its whole configured window. A window
+//! that empties (every id older than its age) lets its tables go and
+//! stops counting.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -52,17 +61,17 @@ use super::mmap::prefetch;
 use super::options::DedupWindow;
 use super::record::InnerMsgId;
 
-/// Ids per ring chunk (1 MiB of ids), for windows at least this large.
-const CHUNK: u64 = 1 << 16;
+/// Ids per ring chunk (128 KiB of ids), for windows at least this large.
+const CHUNK: u64 = 1 << 13;
 /// Ids per ring chunk of the smallest windows.
-const CHUNK_MIN: u64 = 1 << 10;
+const CHUNK_MIN: u64 = 1 << 8;
 /// Ring chunks kept for reuse after they leave the window.
 const FREE_CHUNKS_MAX: usize = 2;
 /// Offsets per age block: the granularity of expiry by age.
 pub const AGE_BLOCK: u64 = 1024;
 /// Offsets are kept in 31 bits in a table slot.
 const OFFSET_MASK: u64 = (1 << 31) - 1;
-const TABLE_SLOTS_MIN: usize = 1024;
+const TABLE_SLOTS_MIN: usize = 256;
 /// A table this large grows straight to its final size.
 const GROW_TO_FULL_SLOTS: usize = 1 << 14;
 /// Bloom bits per table slot, and bits set per id.
@@ -70,9 +79,86 @@ const BLOOM_BITS_PER_SLOT: usize = 8;
 const BLOOM_HASHES: u32 = 4;
 const BLOOM_BLOCK_WORDS: usize = 8;
 
+/// Bytes a window holds per id at most, for the budget: a full ring slot,
+/// both generations at load 0.75 and a spare set of tables.
+pub const BYTES_PER_ID: u64 = 36;
+/// The fewest ids a window sharing a budget may hold: past that many busy
+/// windows, the budget is exceeded rather than the windows made useless.
+pub const SHARE_IDS_MIN: u64 = 1024;
+
+/// Memory shared by the dedup windows of many logs (see the module docs).
+#[derive(Debug)]
+pub struct DedupBudget {
+    bytes_max: u64,
+    /// Bytes the windows hold now, as each last reported.
+    bytes_used: std::sync::atomic::AtomicU64,
+    /// Windows holding at least one id.
+    busy: std::sync::atomic::AtomicU64,
+    /// Shares are split among at least this many windows (see
+    /// [`DedupBudget::expect_windows`]).
+    expected: std::sync::atomic::AtomicU64,
+}
+
+/// Two are equal when they are the same budget.
+impl PartialEq for DedupBudget {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for DedupBudget {}
+
+impl DedupBudget {
+    pub fn new(bytes_max: u64) -> Self {
+        DedupBudget {
+            bytes_max,
+            bytes_used: std::sync::atomic::AtomicU64::new(0),
+            busy: std::sync::atomic::AtomicU64::new(0),
+            expected: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Splits shares among at least `windows` windows until told otherwise
+    /// (0): a broker opening its partitions one by one would otherwise let
+    /// the first ones rebuild whole windows that the later ones' shares
+    /// then forbid.
+    pub fn expect_windows(&self, windows: u64) {
+        self.expected
+            .store(windows, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn bytes_max(&self) -> u64 {
+        self.bytes_max
+    }
+
+    /// Bytes the windows sharing the budget hold now.
+    pub fn bytes_used(&self) -> u64 {
+        self.bytes_used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Windows holding at least one id now.
+    pub fn busy_windows(&self) -> u64 {
+        self.busy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most ids one window may hold now.
+    pub fn share_ids(&self) -> u64 {
+        let windows = self
+            .busy_windows()
+            .max(self.expected.load(std::sync::atomic::Ordering::Relaxed))
+            .max(1);
+        (self.bytes_max / BYTES_PER_ID / windows).max(SHARE_IDS_MIN)
+    }
+}
+
 /// The dedup window of one log.
 pub struct DedupIndex {
     window: DedupWindow,
+    /// Shared with other windows, if any; with what this window last
+    /// reported to it.
+    budget: Option<std::sync::Arc<DedupBudget>>,
+    reported_bytes: u64,
+    counted_busy: bool,
     hasher: foldhash::fast::RandomState,
     ring: Ring,
     current: Generation,
@@ -120,6 +206,9 @@ impl DedupIndex {
             window,
             hasher: foldhash::fast::RandomState::default(),
             ring: Ring::new(window.records_max),
+            budget: None,
+            reported_bytes: 0,
+            counted_busy: false,
             current: Generation::new(TABLE_SLOTS_MIN, 0),
             previous: None,
             spare: None,
@@ -127,8 +216,53 @@ impl DedupIndex {
         }
     }
 
+    /// A window sharing `budget` with others.
+    pub fn with_budget(window: DedupWindow, budget: std::sync::Arc<DedupBudget>) -> Self {
+        let mut index = DedupIndex::new(window);
+        index.budget = Some(budget);
+        index
+    }
+
+    /// The most ids the window holds now: its configured size, or less
+    /// under a shared budget.
+    pub fn records_cap(&self) -> u64 {
+        match &self.budget {
+            Some(budget) => self.window.records_max.min(budget.share_ids()),
+            None => self.window.records_max,
+        }
+    }
+
     fn full_slots(&self) -> usize {
-        (self.window.records_max as usize * 4).div_ceil(3) + 1
+        (self.records_cap() as usize * 4).div_ceil(3) + 1
+    }
+
+    /// Tells the budget (if any) what the window holds now. The log calls
+    /// it after each batch of inserts and after expiring.
+    pub fn report(&mut self) {
+        use std::sync::atomic::Ordering;
+        let Some(budget) = &self.budget else { return };
+        let bytes = self.bytes_used() as u64;
+        if bytes != self.reported_bytes {
+            if bytes > self.reported_bytes {
+                budget
+                    .bytes_used
+                    .fetch_add(bytes - self.reported_bytes, Ordering::Relaxed);
+            } else {
+                budget
+                    .bytes_used
+                    .fetch_sub(self.reported_bytes - bytes, Ordering::Relaxed);
+            }
+            self.reported_bytes = bytes;
+        }
+        let busy = self.ring.end > self.ring.start;
+        if busy != self.counted_busy {
+            if busy {
+                budget.busy.fetch_add(1, Ordering::Relaxed);
+            } else {
+                budget.busy.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.counted_busy = busy;
+        }
     }
 
     /// Work for a background thread, done without the writer's lock:
@@ -219,7 +353,8 @@ impl DedupIndex {
         if id.is_none() {
             return;
         }
-        if self.current.count as u64 >= self.window.records_max {
+        let cap = self.records_cap();
+        if self.current.count as u64 >= cap {
             let full =
                 std::mem::replace(&mut self.current, Generation::new(TABLE_SLOTS_MIN, offset));
             if let Some(old) = self.previous.replace(full) {
@@ -227,7 +362,7 @@ impl DedupIndex {
             }
         }
         if (self.current.count + 1) * 4 > self.current.tables.slots.len() * 3 {
-            let slots_max = (self.window.records_max as usize * 4).div_ceil(3) + 1;
+            let slots_max = (cap as usize * 4).div_ceil(3) + 1;
             // Past GROW_TO_FULL_SLOTS the next step is the final size: a
             // rebuild moves every id of the generation while the writer
             // waits, so the largest rebuild must stay small (~12 K ids into
@@ -257,7 +392,22 @@ impl DedupIndex {
             return;
         }
         let cutoff = now_ms.saturating_sub(self.window.age_ms_max);
-        self.ring.expire(self.window.records_max, cutoff);
+        self.ring.expire(self.records_cap(), cutoff);
+        if self.ring.start == self.ring.end {
+            // Nothing left to remember: let the tables go (a window that
+            // was busy once must not hold megabytes while idle).
+            if self.current.count > 0 || self.previous.is_some() || self.spare.is_some() {
+                self.current = Generation::new(TABLE_SLOTS_MIN, self.ring.end);
+                self.previous = None;
+                self.spare = None;
+                self.retired = None;
+                self.ring.chunks.clear();
+                self.ring.free.clear();
+            }
+        } else if self.previous.is_some() && self.current.first_offset <= self.ring.start {
+            // The current generation holds every id still in the window.
+            self.retired = self.previous.take().map(|g| g.tables);
+        }
     }
 
     /// The first offset the window remembers.
@@ -278,6 +428,21 @@ impl DedupIndex {
     /// Ids currently in the window.
     pub fn ids_in_window(&self) -> u64 {
         self.ring.end - self.ring.start
+    }
+}
+
+impl Drop for DedupIndex {
+    /// Everything it held goes back to the budget.
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if let Some(budget) = &self.budget {
+            budget
+                .bytes_used
+                .fetch_sub(self.reported_bytes, Ordering::Relaxed);
+            if self.counted_busy {
+                budget.busy.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -655,6 +820,75 @@ mod tests {
             records_max,
             age_ms_max: 60_000,
         }
+    }
+
+    fn fill(d: &mut DedupIndex, from: u64, count: u64, now_ms: u64) {
+        for o in from..from + count {
+            d.insert(InnerMsgId(u128::from(o) * 0x9E37_79B9 + 7), o, now_ms);
+            if o % 512 == 0 {
+                d.expire(now_ms);
+                d.report();
+            }
+        }
+        d.expire(now_ms);
+        d.report();
+    }
+
+    /// Windows sharing a budget hold at most their share each: one busy
+    /// window alone may take the whole budget, two split it, and the
+    /// memory reported stays within the budget (plus what a window holds
+    /// before its next expiry trims it).
+    #[test]
+    fn windows_share_a_budget() {
+        let budget = std::sync::Arc::new(DedupBudget::new(8 << 20));
+        let all_ids = (8 << 20) / BYTES_PER_ID;
+        let mut a = DedupIndex::with_budget(window(1_000_000), budget.clone());
+        fill(&mut a, 0, 400_000, 1000);
+        assert_eq!(budget.busy_windows(), 1);
+        assert_eq!(a.records_cap(), all_ids, "alone, the whole budget");
+        assert!(a.ids_in_window() <= all_ids);
+        let mut b = DedupIndex::with_budget(window(1_000_000), budget.clone());
+        fill(&mut b, 0, 400_000, 1000);
+        fill(&mut a, 400_000, 200_000, 1000);
+        assert_eq!(budget.busy_windows(), 2);
+        assert_eq!(a.records_cap(), all_ids / 2);
+        assert!(a.ids_in_window() <= all_ids / 2 && b.ids_in_window() <= all_ids / 2);
+        assert!(
+            budget.bytes_used() <= budget.bytes_max() * 3 / 2,
+            "{} bytes used of {}",
+            budget.bytes_used(),
+            budget.bytes_max()
+        );
+        // The newest ids are still found, the oldest forgotten.
+        assert_eq!(a.lookup(InnerMsgId(599_999u128 * 0x9E37_79B9 + 7)), Some(599_999));
+        assert_eq!(a.lookup(InnerMsgId(7)), None);
+        drop(a);
+        drop(b);
+        assert_eq!(budget.bytes_used(), 0, "dropped windows give everything back");
+        assert_eq!(budget.busy_windows(), 0);
+    }
+
+    /// A window whose ids all aged out lets its tables go and stops
+    /// counting as busy.
+    #[test]
+    fn an_emptied_window_lets_its_tables_go() {
+        let budget = std::sync::Arc::new(DedupBudget::new(64 << 20));
+        let mut d = DedupIndex::with_budget(window(1_000_000), budget.clone());
+        fill(&mut d, 0, 100_000, 1000);
+        let busy_bytes = budget.bytes_used();
+        assert!(busy_bytes > 1 << 20, "{busy_bytes}");
+        d.expire(1000 + 60_000 + 1);
+        d.report();
+        assert_eq!(d.ids_in_window(), 0);
+        assert_eq!(budget.busy_windows(), 0);
+        assert!(
+            budget.bytes_used() < 16 << 10,
+            "an empty window holds {} bytes",
+            budget.bytes_used()
+        );
+        // And it works again afterwards.
+        fill(&mut d, 100_000, 10, 70_000);
+        assert_eq!(d.lookup(InnerMsgId(100_005u128 * 0x9E37_79B9 + 7)), Some(100_005));
     }
 
     /// Spare tables (prepared off the append path) are used by the jump to

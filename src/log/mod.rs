@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 
 pub use clock::Clock;
-pub use dedup::DedupIndex;
+pub use dedup::{DedupBudget, DedupIndex};
 pub use disk::{Crash, Disk, FileBudget, MemoryDisk};
 pub use error::{Bound, Result, StorageError};
 pub use journal::FlushJournal;
@@ -237,6 +237,9 @@ struct Inner {
     workers: std::sync::OnceLock<(Arc<Workers>, TaskId)>,
     /// Durable waits not answered yet (`Log::when_durable`).
     waiters: Mutex<Vec<(u64, DurableCallback)>>,
+    /// The file system holding the log (`FileSystem::filesystem_id`):
+    /// logs on one are made durable together by a flush round.
+    filesystem: u64,
     report: RecoveryReport,
     /// When the periodic background jobs last ran; held by a pass.
     background_state: Mutex<background::BackgroundState>,

@@ -93,6 +93,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         workers.is_some() && options.write_path == WritePath::Mmap && options.prefault_bytes > 0;
     let prefault_enabled = AtomicBool::new(prefaults);
     let checkpointed = checkpoint.map_or(0, |c| c.durable_offset);
+    let filesystem = disk.filesystem_id(&dir);
     let inner = Arc::new(Inner {
         dir,
         options,
@@ -117,6 +118,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         unsealed: Mutex::new(None),
         workers: std::sync::OnceLock::new(),
         waiters: Mutex::new(Vec::new()),
+        filesystem,
         report,
         background_state: Mutex::new(BackgroundState::new(checkpointed)),
     });
@@ -381,13 +383,16 @@ fn judge_tail(
 /// first offset (reading on from below a segment's base would find nothing
 /// and end the rebuild, leaving the window empty).
 fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64) -> DedupIndex {
-    let mut dedup = DedupIndex::new(options.dedup);
+    let mut dedup = match &options.dedup_budget {
+        Some(budget) => DedupIndex::with_budget(options.dedup, Arc::clone(budget)),
+        None => DedupIndex::new(options.dedup),
+    };
     if !dedup.enabled() {
         return dedup;
     }
     let start_offset = segments.first().map_or(0, |s| s.base_offset);
     let mut offset = next_offset
-        .saturating_sub(options.dedup.records_max)
+        .saturating_sub(dedup.records_cap())
         .max(start_offset);
     let now = options.clock.now_ms();
     let oldest_ms = now.saturating_sub(options.dedup.age_ms_max);
@@ -450,6 +455,7 @@ fn rebuild_dedup(segments: &[Arc<Segment>], options: &Options, next_offset: u64)
         offset = offset.max(segment.next_offset());
     }
     dedup.expire(now);
+    dedup.report();
     dedup
 }
 

@@ -1,6 +1,7 @@
 //! Every knob of the storage engine, in one place, with its default.
 
 use super::clock::Clock;
+use super::dedup::DedupBudget;
 use super::disk::Disk;
 use super::error::{Bound, Result, StorageError};
 use super::journal::FlushJournal;
@@ -166,6 +167,10 @@ pub struct Options {
     pub retention: Retention,
     /// Default: 10 M records or 10 minutes.
     pub dedup: DedupWindow,
+    /// Memory the dedup windows of many logs share (a broker's
+    /// partitions); each window then holds at most its share (see
+    /// `dedup.rs`). Default: none, the window alone decides.
+    pub dedup_budget: Option<Arc<DedupBudget>>,
     /// Default: `RecoveryMode::TolerateTornTail`.
     pub recovery: RecoveryMode,
     /// How often the background thread records the durable position in the
@@ -240,6 +245,7 @@ impl Default for Options {
             prefault_bytes: 32 << 20,
             verify_sealed_on_open: false,
             retention_check_interval_ms: 10_000,
+            dedup_budget: None,
             clock: Clock::system(),
             flush_journal: None,
             disk: Disk::os(),

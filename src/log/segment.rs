@@ -460,6 +460,23 @@ impl Segment {
         None
     }
 
+    /// The file's count of writes begun (see `DiskFile::writes_begun`).
+    pub(crate) fn file_writes_begun(&self) -> u64 {
+        self.file.writes_begun()
+    }
+
+    /// Records that a sync of the whole file system, started after the
+    /// first `writes` writes of the file and `end` bytes were written, has
+    /// made them durable, and the segment's name with them.
+    pub(crate) fn note_synced(&self, end: usize, writes: u64, journal: Option<&FlushJournal>) {
+        self.file.covered_by_sync(writes);
+        self.dir_unsynced.store(false, Ordering::Release);
+        self.flushed.fetch_max(end, Ordering::AcqRel);
+        if let Some(journal) = journal {
+            journal.record(&self.path, end);
+        }
+    }
+
     /// Makes the records in `[flushed, end)` durable, then records it in
     /// `journal` if there is one.
     pub(crate) fn flush_to(&self, end: usize, journal: Option<&FlushJournal>) -> Result<()> {

@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::background::FlushRound;
 use super::flush::FLUSHES_IN_FLIGHT;
 use crate::sync::lock;
 
@@ -42,8 +43,9 @@ pub(crate) enum Job {
 
 /// What the pool runs: a log, seen through this trait.
 pub(crate) trait Task: Send + Sync {
-    /// Does `job` now. A background job answers when it is next due.
-    fn run(&self, job: Job) -> Option<Instant>;
+    /// Does `job` now; a flush joins the pool's `round`. A background job
+    /// answers when it is next due.
+    fn run(self: Arc<Self>, job: Job, round: &Mutex<FlushRound>) -> Option<Instant>;
 }
 
 /// A log's ticket with the pool.
@@ -61,6 +63,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     next_id: AtomicU64,
+    /// The flushes of many logs, made durable together (`background.rs`).
+    round: Mutex<FlushRound>,
 }
 
 #[derive(Default)]
@@ -105,6 +109,7 @@ impl Workers {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(0),
+            round: Mutex::new(FlushRound::default()),
         });
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
@@ -263,8 +268,7 @@ fn worker(shared: &Shared) {
         entry.running[s] += 1;
         let task = entry.task.upgrade();
         drop(state);
-        let due = task.as_ref().and_then(|t| t.run(job));
-        drop(task);
+        let due = task.and_then(|t| t.run(job, &shared.round));
         state = lock(&shared.state);
         let st = &mut *state;
         let Some(entry) = st.tasks.get_mut(&id) else {
@@ -300,7 +304,7 @@ mod tests {
     }
 
     impl Task for Counter {
-        fn run(&self, job: Job) -> Option<Instant> {
+        fn run(self: Arc<Self>, job: Job, _round: &Mutex<FlushRound>) -> Option<Instant> {
             self.runs[slot(job)].fetch_add(1, Ordering::SeqCst);
             if job == Job::Flush {
                 let now = {

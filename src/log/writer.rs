@@ -163,6 +163,7 @@ impl Inner {
         let prefault = self.prefault_enabled.load(Ordering::Relaxed)
             && w.active
                 .wants_prefault(w.map.cursor(), self.options.prefault_bytes as usize);
+        w.dedup.report();
         let dedup_work = w.dedup.has_spare_work();
         drop(guard);
         if prefault && !self.prefault_requested.swap(true, Ordering::AcqRel) {

@@ -120,6 +120,8 @@ pub fn render(broker: &Broker) -> String {
         }
     }
 
+    let budget = broker.dedup_budget();
+    let (files_open, files_max) = broker.open_files();
     let s = broker.schedule();
     let (delayed, open) = s.pending();
     let g = |v: u64| {
@@ -156,6 +158,36 @@ pub fn render(broker: &Broker) -> String {
         "transactions_rolled_back_at_check_limit",
         "Transactions rolled back because no producer decided within the maximum number of checks",
         c(&s.metrics.rolled_back_by_check_limit),
+    );
+    r.register(
+        "dedup_memory_bytes",
+        "Bytes every partition's dedup window holds together",
+        g(budget.bytes_used()),
+    );
+    r.register(
+        "dedup_memory_max_bytes",
+        "The budget the dedup windows share (dedup_memory_max)",
+        g(budget.bytes_max()),
+    );
+    r.register(
+        "dedup_busy_windows",
+        "Partitions whose dedup window holds any id",
+        g(budget.busy_windows()),
+    );
+    r.register(
+        "dedup_window_share_ids",
+        "The most ids one partition's window may hold now (its share of the budget)",
+        g(budget.share_ids()),
+    );
+    r.register(
+        "open_segment_files",
+        "Segment files open now",
+        g(files_open as u64),
+    );
+    r.register(
+        "open_segment_files_max",
+        "The most segment files kept open (open_files_max)",
+        g(files_max as u64),
     );
     let mut out = String::with_capacity(8192);
     // Writing to a String cannot fail.

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::{Advice, DirLock, Disk, DiskFile, FileSystem, LockError, Mapping};
@@ -46,8 +46,10 @@ struct Handle {
     writable: bool,
     shared: Arc<Shared>,
     file: Mutex<Option<Arc<dyn DiskFile>>>,
-    /// Written since the last sync: never closed while true.
-    dirty: AtomicBool,
+    /// Writes begun, and of them the ones a sync covered: a file written
+    /// since its last sync (`writes > synced`) is never closed.
+    writes: AtomicU64,
+    synced: AtomicU64,
     last_used: AtomicU64,
 }
 
@@ -84,7 +86,8 @@ impl FileBudget {
             writable,
             shared: Arc::clone(&self.shared),
             file: Mutex::new(Some(file)),
-            dirty: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             last_used: AtomicU64::new(self.shared.tick()),
         });
         self.shared.opened(&handle.me);
@@ -151,16 +154,20 @@ impl Handle {
     /// Closes the file if it is clean and no other thread is looking it
     /// up this moment. A user holding the file keeps it open until done.
     fn try_close(&self) -> bool {
-        if self.dirty.load(Ordering::Acquire) {
+        if self.dirty() {
             return false;
         }
         let Ok(mut slot) = self.file.try_lock() else {
             return false;
         };
-        if self.dirty.load(Ordering::Acquire) {
+        if self.dirty() {
             return false;
         }
         slot.take().is_some()
+    }
+
+    fn dirty(&self) -> bool {
+        self.writes.load(Ordering::Acquire) > self.synced.load(Ordering::Acquire)
     }
 
     /// Runs `op` on the open file.
@@ -171,20 +178,17 @@ impl Handle {
 
     /// Runs a write: the file is dirty from before it starts.
     fn write<T>(&self, op: impl FnOnce(&dyn DiskFile) -> io::Result<T>) -> io::Result<T> {
-        self.dirty.store(true, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         self.with(op)
     }
 
-    /// Runs a sync: clean afterwards, unless written to meanwhile (the
-    /// flag is cleared first, so a write racing with the sync sets it
-    /// again) or the sync failed.
+    /// Runs a sync: the writes begun before it are covered once it
+    /// succeeds (one racing with it stays uncovered).
     fn sync(&self, op: impl FnOnce(&dyn DiskFile) -> io::Result<()>) -> io::Result<()> {
-        let was_dirty = self.dirty.swap(false, Ordering::AcqRel);
-        let outcome = self.with(op);
-        if outcome.is_err() && was_dirty {
-            self.dirty.store(true, Ordering::Release);
-        }
-        outcome
+        let covered = self.writes.load(Ordering::Acquire);
+        self.with(op)?;
+        self.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -235,6 +239,17 @@ impl FileSystem for FileBudget {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         self.inner.read(path)
     }
+
+    /// Files it closed were clean, so the inner file system's sync covers
+    /// every dirty one. The caller tells each file what the sync covered
+    /// (`DiskFile::covered_by_sync`).
+    fn sync_filesystem(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_filesystem(dir)
+    }
+
+    fn filesystem_id(&self, dir: &Path) -> u64 {
+        self.inner.filesystem_id(dir)
+    }
 }
 
 impl DiskFile for Handle {
@@ -283,8 +298,16 @@ impl DiskFile for Handle {
 
     fn write_zeroes(&self, range: Range<u64>) -> io::Result<()> {
         // Writes and syncs what it wrote.
-        self.dirty.store(true, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         self.sync(|f| f.write_zeroes(range))
+    }
+
+    fn writes_begun(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    fn covered_by_sync(&self, writes: u64) {
+        self.synced.fetch_max(writes, Ordering::AcqRel);
     }
 }
 

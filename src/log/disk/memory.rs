@@ -498,6 +498,18 @@ impl FileSystem for MemoryDisk {
         Ok(())
     }
 
+    fn sync_filesystem(&self, _dir: &Path) -> io::Result<()> {
+        let mut state = self.state();
+        let pending = std::mem::take(&mut state.pending);
+        for change in &pending {
+            change.apply(&mut state.durable_names);
+        }
+        for inode in state.inodes.values_mut() {
+            inode.sync();
+        }
+        Ok(())
+    }
+
     fn lock(&self, path: &Path, owner: &str) -> Result<DirLock, LockError> {
         let mut state = self.state();
         let generation = state.generation;

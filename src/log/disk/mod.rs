@@ -68,6 +68,21 @@ pub trait FileSystem: Send + Sync + 'static {
     /// creating `path` if missing and writing `owner` into it. The lock is
     /// held while the returned value lives.
     fn lock(&self, path: &Path, owner: &str) -> Result<DirLock, LockError>;
+    /// Makes every file and name of the file system holding `dir` durable
+    /// (`syncfs`): one call for the writes of many files. An error means
+    /// nothing is known durable; `Unsupported` that the caller must sync
+    /// each file itself.
+    fn sync_filesystem(&self, dir: &Path) -> io::Result<()> {
+        let _ = dir;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Which file system holds `dir` (the device number): logs whose
+    /// files share one are made durable by one `sync_filesystem`.
+    /// Default: 0 (one file system).
+    fn filesystem_id(&self, dir: &Path) -> u64 {
+        let _ = dir;
+        0
+    }
     /// A whole small file (indexes, the checkpoint).
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let file = self.open(path, false)?;
@@ -115,6 +130,18 @@ pub trait DiskFile: Send + Sync + 'static {
     /// A hint about `range`; failure costs speed or memory, never data.
     fn advise(&self, range: Range<u64>, advice: Advice) {
         let _ = (range, advice);
+    }
+    /// A count of the writes begun on this file so far, for
+    /// [`DiskFile::covered_by_sync`]. Default: 0 (a file that does not
+    /// track them).
+    fn writes_begun(&self) -> u64 {
+        0
+    }
+    /// Told that a file-system sync ([`FileSystem::sync_filesystem`]) made
+    /// the first `writes` writes (a [`DiskFile::writes_begun`] taken
+    /// before it started) durable. Default: nothing to note.
+    fn covered_by_sync(&self, writes: u64) {
+        let _ = writes;
     }
     /// Writes zeros over `range` and syncs them (`Preallocate::Zeroes`).
     fn write_zeroes(&self, range: Range<u64>) -> io::Result<()> {

@@ -83,6 +83,18 @@ impl FileSystem for OsDisk {
         File::open(dir)?.sync_all()
     }
 
+    fn filesystem_id(&self, dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(dir).map_or(0, |m| m.dev())
+    }
+
+    /// `syncfs`: it reports a writeback error of any file of the file
+    /// system since Linux 5.8 (before, none; kernels that old cannot run
+    /// io_uring or `MADV_POPULATE_WRITE` either).
+    fn sync_filesystem(&self, dir: &Path) -> io::Result<()> {
+        rustix::fs::syncfs(File::open(dir)?).map_err(io::Error::from)
+    }
+
     fn lock(&self, path: &Path, owner: &str) -> Result<DirLock, LockError> {
         let mut file = File::options()
             .read(true)
