@@ -49,6 +49,12 @@ pub struct Args {
     /// Partitions of the topic when it is created.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Key every message: each batch carries one key and goes to the
+    /// partition the topic's key hash picks for it, the keys spreading the
+    /// batches over every partition in turn. Without it each batch just
+    /// names its partition in turn.
+    #[arg(long)]
+    keys: bool,
     /// Producers; 0 consumes --count messages already in --topic (a
     /// backlog), to measure consumption alone.
     #[arg(long, default_value_t = 1)]
@@ -422,6 +428,22 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
             args.rate,
             args.partitions,
         );
+        // A key for every partition: the first of `key-0`, `key-1`, ...
+        // the topic's hash puts there.
+        let keys: Option<Vec<Vec<u8>>> = args.keys.then(|| {
+            let mut keys: Vec<Option<Vec<u8>>> = vec![None; partitions as usize];
+            let (mut found, mut i) = (0, 0u64);
+            while found < keys.len() {
+                let key = format!("key-{i}").into_bytes();
+                let slot = &mut keys[producer.partition_for_key(&key) as usize];
+                if slot.is_none() {
+                    *slot = Some(key);
+                    found += 1;
+                }
+                i += 1;
+            }
+            keys.into_iter().flatten().collect()
+        });
         producers.push(tokio::spawn(async move {
             let window = Arc::new(Semaphore::new(inflight));
             let local = Arc::new(Mutex::new(histogram()));
@@ -445,8 +467,11 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
                 let partition = ((p as u64 + n_batch) % partitions as u64) as u32;
                 n_batch += 1;
                 let started = Instant::now();
-                let encoded =
-                    producer.encode_payloads(Some(partition), buf[..n * size].chunks(size));
+                let payloads = buf[..n * size].chunks(size);
+                let encoded = match &keys {
+                    Some(keys) => producer.encode_keyed_payloads(&keys[partition as usize], payloads),
+                    None => producer.encode_payloads(Some(partition), payloads),
+                };
                 let fut = producer.send_encoded(encoded);
                 let (produced, failed, local, progress) = (
                     produced.clone(),

@@ -380,6 +380,39 @@ impl Producer {
         }
     }
 
+    /// [`Producer::encode_payloads`] with every message keyed `key`: the
+    /// batch goes to the partition the topic's key hash picks for it.
+    pub fn encode_keyed_payloads<'a>(
+        &self,
+        key: &[u8],
+        payloads: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    ) -> EncodedBatch {
+        let partition = self.partition_for(Some(key));
+        let n = payloads.len();
+        let capacity = 64
+            + self.topic.len()
+            + payloads
+                .clone()
+                .map(|p| 27 + key.len() + p.len())
+                .sum::<usize>();
+        let (mut body, correlation_id) = start_frame(&self.topic, partition, capacity);
+        let mut ids = Vec::with_capacity(n);
+        for p in payloads {
+            let id = self.next_id();
+            ids.push(id);
+            encode_produce_message(id, Some(key), &[], p, &mut body);
+        }
+        EncodedBatch {
+            frame: finish_frame(body, &self.topic, n, correlation_id),
+            ids,
+        }
+    }
+
+    /// The partition the topic's key hash picks for `key`.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        self.partition_for(Some(key))
+    }
+
     /// Sends an encoded batch with the producer's retries; waits first
     /// while `inflight_batches_max` batches are unanswered.
     pub fn send_encoded(
