@@ -1025,3 +1025,92 @@ fn append_unless_roll_refuses_only_a_batch_that_would_roll() {
     assert_eq!(rolled.outcomes[0].offset, appended);
     assert_eq!(log.segments().len(), 2);
 }
+
+/// Quarantine: a log whose damage fails a normal open opens anyway, changes
+/// nothing on disk, serves every record before the damage, refuses appends
+/// with an error naming the repair command, and closes without writing.
+/// Damage in the active segment and in a sealed one alike.
+#[test]
+fn a_damaged_log_opens_in_quarantine_read_only_up_to_the_damage() {
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 300;
+        let written = {
+            let log = Log::open(dir.path(), options()).unwrap();
+            let w = append_one_by_one(&log, if sealed { 400 } else { 30 }, len);
+            log.close().unwrap();
+            w
+        };
+        // A flipped bit in the active segment, or a sealed segment cut 10
+        // bytes short (what open checks of a sealed one): either way the
+        // valid records end at `valid`.
+        let valid = if sealed {
+            let first = log_file(dir.path(), 0);
+            let file_len = std::fs::metadata(&first).unwrap().len();
+            set_file_len(&first, file_len - 10);
+            file_len / record_len(len) as u64 - 1
+        } else {
+            let at = 12 * record_len(len) as u64;
+            flip_bit(&log_file(dir.path(), 0), at + 70, 3);
+            12
+        };
+        let normal = Log::open(dir.path(), options());
+        assert!(
+            normal.is_err(),
+            "a normal open refuses: sealed={sealed} {:?}",
+            normal
+                .as_ref()
+                .map(|l| (l.next_offset(), l.recovery_report().clone()))
+        );
+        let before: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().is_some_and(|n| n != "LOCK"))
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        let quarantine = Options {
+            recovery: RecoveryMode::Quarantine,
+            ..options()
+        };
+        let log = Log::open(dir.path(), quarantine.clone()).unwrap();
+        let damage = log.damage().expect("the log knows it is damaged");
+        let text = damage.to_string();
+        assert!(text.contains("bida repair"), "{text}");
+        assert_eq!(log.next_offset(), valid, "sealed={sealed}");
+        let records = read_all(&log);
+        assert_eq!(records.len() as u64, valid);
+        for (r, p) in records.iter().zip(&written) {
+            assert_eq!(&r.payload[..], &p[..]);
+        }
+        let p = payload(999, 10);
+        let err = log
+            .append(&[Message {
+                payload: &p,
+                ..Message::default()
+            }])
+            .unwrap_err();
+        assert!(err.to_string().contains("bida repair"), "{err}");
+        log.background_pass();
+        log.close().unwrap();
+        for (path, bytes) in &before {
+            assert_eq!(
+                &std::fs::read(path).unwrap(),
+                bytes,
+                "{} changed",
+                path.display()
+            );
+        }
+        // The repair then cuts it, and the log takes writes again.
+        let repair = Options {
+            recovery: RecoveryMode::Repair,
+            ..options()
+        };
+        let log = Log::open(dir.path(), repair).unwrap();
+        assert_eq!(log.next_offset(), valid);
+        log.append_acked(&[Message {
+            payload: &p,
+            ..Message::default()
+        }])
+        .unwrap();
+    }
+}

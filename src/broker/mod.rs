@@ -113,6 +113,13 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("partition {partition} of topic {topic:?} is damaged and refuses writes ({cause}); stop the broker and run `bida repair {data_dir} --topic {topic} --partition {partition}`")]
+    PartitionDamaged {
+        topic: String,
+        partition: u32,
+        data_dir: PathBuf,
+        cause: StorageError,
+    },
 }
 
 /// Why a request that decodes is still refused (INVALID_REQUEST).
@@ -176,6 +183,7 @@ impl BrokerError {
             BrokerError::UnknownTransaction(_) => ErrorCode::UnknownTransaction,
             BrokerError::TransactionDecided(_) => ErrorCode::TransactionDecided,
             BrokerError::Busy(_) => ErrorCode::Busy,
+            BrokerError::PartitionDamaged { .. } => ErrorCode::PartitionDamaged,
             BrokerError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,
             BrokerError::Durability(e) if e.is_disk_full() => ErrorCode::DiskFull,
             BrokerError::Storage(_)
@@ -587,13 +595,30 @@ impl Broker {
         };
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for index in 0..meta.partitions {
-            let log = match Log::open(dir.join(index.to_string()), self.log_options()) {
+            let log_dir = dir.join(index.to_string());
+            let log = match Log::open(&log_dir, self.log_options()) {
                 Ok(log) => Arc::new(log),
                 Err(e) if creating => {
                     // A new topic the disk had no room for: taken back whole.
                     drop(partitions);
                     let _ = fs::remove_dir_all(&dir);
                     return Err(e.into());
+                }
+                Err(e @ StorageError::Corrupt { .. }) => {
+                    // Damaged data stops only this partition: it serves
+                    // what lies before the damage and refuses writes.
+                    tracing::error!(
+                        topic = name,
+                        partition = index,
+                        error = %e,
+                        "partition damaged: serving reads up to the damage, refusing writes; stop the broker and run `bida repair {} --topic {name} --partition {index}`",
+                        self.config.data_dir.display()
+                    );
+                    let quarantine = Options {
+                        recovery: crate::log::RecoveryMode::Quarantine,
+                        ..self.log_options()
+                    };
+                    Arc::new(Log::open(&log_dir, quarantine)?)
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -818,6 +843,12 @@ impl Broker {
         }
         .map_err(|e| match e {
             e @ StorageError::InvalidMessage { .. } => BrokerError::InvalidMessage(e),
+            e if e.is_damaged() => BrokerError::PartitionDamaged {
+                topic: topic.name.clone(),
+                partition: partition.index,
+                data_dir: self.config.data_dir.clone(),
+                cause: e,
+            },
             e => BrokerError::Storage(e),
         })?;
         topic.appended.notify_waiters();

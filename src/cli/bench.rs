@@ -469,7 +469,9 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
                 let started = Instant::now();
                 let payloads = buf[..n * size].chunks(size);
                 let encoded = match &keys {
-                    Some(keys) => producer.encode_keyed_payloads(&keys[partition as usize], payloads),
+                    Some(keys) => {
+                        producer.encode_keyed_payloads(&keys[partition as usize], payloads)
+                    }
                     None => producer.encode_payloads(Some(partition), payloads),
                 };
                 let fut = producer.send_encoded(encoded);

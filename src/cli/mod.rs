@@ -7,6 +7,7 @@ mod consume;
 mod inspect;
 mod produce;
 mod read;
+mod repair;
 mod serve;
 mod topics;
 mod torture;
@@ -69,8 +70,12 @@ enum Command {
     /// The load generator: produce and consume against a broker, report
     /// throughput and latency percentiles.
     Bench(bench::Args),
-    /// Verify a data directory without changing it; exits 1 if it is damaged.
+    /// Verify a broker's data directory (every log in it) or one log
+    /// without changing anything; exits 1 if anything is damaged.
     Inspect(inspect::Args),
+    /// Cut a damaged log at its first invalid record (the broker stopped):
+    /// says what that drops and asks first, or --yes.
+    Repair(repair::Args),
     /// Append messages to a log: one per stdin line, or generated.
     Append(append::Args),
     /// Print records of a log.
@@ -242,6 +247,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Topics(args) => topics::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Repair(args) => repair::run(args),
         Command::Append(args) => append::run(args),
         Command::Read(args) => read::run(args),
         Command::Torture(args) => torture::run(args),

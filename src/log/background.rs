@@ -82,6 +82,10 @@ impl Inner {
     /// ahead of the writer, the checkpoint and retention when due. Answers
     /// when the next pass is due.
     pub(super) fn background_pass(&self, flush_now: bool) -> Instant {
+        if self.is_damaged() {
+            // A quarantined log changes nothing on disk.
+            return Instant::now() + Duration::from_secs(3600);
+        }
         let mut state = lock(&self.background_state);
         let options = &self.options;
         let flush_interval = self.flush_interval();
@@ -274,6 +278,10 @@ impl FlushTicket {
         }
         log.flushed_bytes.fetch_max(self.appended, Ordering::AcqRel);
         log.group.advance(self.covers);
+        if let Some(hot) = log.options.page_cache_hot_bytes {
+            self.segment
+                .release_cold_pages(hot, super::writer::RELEASE_STEP_BYTES);
+        }
         let mut later = Vec::new();
         for (target, done) in self.waiters {
             if target <= self.covers {

@@ -860,11 +860,18 @@ mod tests {
             budget.bytes_max()
         );
         // The newest ids are still found, the oldest forgotten.
-        assert_eq!(a.lookup(InnerMsgId(599_999u128 * 0x9E37_79B9 + 7)), Some(599_999));
+        assert_eq!(
+            a.lookup(InnerMsgId(599_999u128 * 0x9E37_79B9 + 7)),
+            Some(599_999)
+        );
         assert_eq!(a.lookup(InnerMsgId(7)), None);
         drop(a);
         drop(b);
-        assert_eq!(budget.bytes_used(), 0, "dropped windows give everything back");
+        assert_eq!(
+            budget.bytes_used(),
+            0,
+            "dropped windows give everything back"
+        );
         assert_eq!(budget.busy_windows(), 0);
     }
 
@@ -888,7 +895,10 @@ mod tests {
         );
         // And it works again afterwards.
         fill(&mut d, 100_000, 10, 70_000);
-        assert_eq!(d.lookup(InnerMsgId(100_005u128 * 0x9E37_79B9 + 7)), Some(100_005));
+        assert_eq!(
+            d.lookup(InnerMsgId(100_005u128 * 0x9E37_79B9 + 7)),
+            Some(100_005)
+        );
     }
 
     /// Spare tables (prepared off the append path) are used by the jump to

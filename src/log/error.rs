@@ -51,6 +51,14 @@ pub enum StorageError {
 
     #[error("the log is closed")]
     Closed,
+
+    /// Opened under `RecoveryMode::Quarantine`: reads serve what lies
+    /// before the damage; appends are refused until it is repaired.
+    #[error("the log in {dir} is damaged and refuses writes ({cause}); stop its owner and run `bida repair {dir}` to cut it at the damage")]
+    Damaged {
+        dir: PathBuf,
+        cause: Arc<StorageError>,
+    },
 }
 
 /// What an option must be.
@@ -85,6 +93,16 @@ impl StorageError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StorageError {
         let path = path.into();
         move |source| StorageError::Io { path, source }
+    }
+
+    /// True for a write refused because the log is damaged
+    /// ([`StorageError::Damaged`], or a failure it caused).
+    pub fn is_damaged(&self) -> bool {
+        match self {
+            StorageError::Damaged { .. } => true,
+            StorageError::Failed(cause) => cause.is_damaged(),
+            _ => false,
+        }
     }
 
     /// True when the error means "no space left on the device".

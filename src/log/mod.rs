@@ -343,6 +343,16 @@ impl Log {
         self.inner.wait_durable(target)
     }
 
+    /// Why the log refuses writes, if it was opened damaged
+    /// (`RecoveryMode::Quarantine`): a [`StorageError::Damaged`].
+    pub fn damage(&self) -> Option<Arc<StorageError>> {
+        self.inner
+            .lock_writer()
+            .broken
+            .clone()
+            .filter(|e| matches!(**e, StorageError::Damaged { .. }))
+    }
+
     /// Every offset below this is durable.
     pub fn durable_offset(&self) -> u64 {
         self.inner.group.durable_offset()
@@ -519,6 +529,10 @@ impl Log {
     /// when the last reference goes.
     pub fn shutdown(&self) -> Result<()> {
         self.stop_background();
+        if self.inner.is_damaged() {
+            // Quarantined: nothing to flush, nothing on disk to change.
+            return Ok(());
+        }
         self.inner.answer_waiters();
         {
             let mut w = self.inner.lock_writer();

@@ -46,10 +46,15 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
     } else {
         None
     };
-    remove_temporary_files(&disk, &dir)?;
+    let quarantine = options.recovery == RecoveryMode::Quarantine;
+    if !quarantine {
+        remove_temporary_files(&disk, &dir)?;
+    }
     let checkpoint = read_checkpoint(&disk, &dir);
     let mut report = RecoveryReport::default();
-    let (segments, writer_parts) = open_segments(&dir, &options, checkpoint, &mut report)?;
+    let mut damage = None;
+    let (segments, writer_parts) =
+        open_segments(&dir, &options, checkpoint, &mut report, &mut damage)?;
     let (active, map) = writer_parts;
     let next_offset = active.next_offset();
     let last_timestamp_ms = segments
@@ -57,7 +62,22 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
         .rev()
         .find_map(|s| s.last_timestamp_ms())
         .unwrap_or(0);
-    let dedup = rebuild_dedup(&segments, &options, next_offset);
+    let broken = damage.map(|cause| {
+        tracing::error!(dir = %dir.display(), error = %cause, "the log is damaged: it serves reads up to the damage and refuses writes until `bida repair` cuts it there");
+        Arc::new(StorageError::Damaged {
+            dir: dir.clone(),
+            cause: Arc::new(cause),
+        })
+    });
+    let dedup = if broken.is_some() {
+        // No append will ask it.
+        DedupIndex::new(super::options::DedupWindow {
+            records_max: 0,
+            ..options.dedup
+        })
+    } else {
+        rebuild_dedup(&segments, &options, next_offset)
+    };
     // Clean: closed with everything flushed, and nothing appended since (a
     // later open writes no checkpoint; the records say if one was needed).
     report.clean_shutdown = checkpoint.is_some_and(|c| c.clean && c.durable_offset == next_offset);
@@ -66,7 +86,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
     // a flush has synced the active segment and its name, and the segment
     // forgets what it knew so the first flush does. Sealed segments were
     // synced when they were sealed.
-    let durable_offset = if report.clean_shutdown {
+    let durable_offset = if report.clean_shutdown || broken.is_some() {
         next_offset
     } else {
         active.forget_durable();
@@ -105,7 +125,7 @@ pub(super) fn open(dir: &Path, mut options: Options) -> Result<Log> {
             next_offset,
             last_timestamp_ms,
             dedup,
-            broken: None,
+            broken,
         }),
         segments: RwLock::new(segments),
         group: GroupCommit::new(durable_offset),
@@ -137,13 +157,17 @@ type ActiveParts = (Arc<Segment>, MapWriter);
 
 /// Opens every segment: sealed ones from their indexes, the last one by a
 /// verifying scan with torn-tail handling.
+/// Under `RecoveryMode::Quarantine`, the first damage found goes into
+/// `damage` instead of failing the open, and nothing on disk is changed.
 fn open_segments(
     dir: &Path,
     options: &Options,
     checkpoint: Option<Checkpoint>,
     report: &mut RecoveryReport,
+    damage: &mut Option<StorageError>,
 ) -> Result<(Vec<Arc<Segment>>, ActiveParts)> {
     let disk = &options.disk;
+    let quarantine = options.recovery == RecoveryMode::Quarantine;
     let mut bases = list_segments(disk, dir)?;
     if bases.is_empty() {
         report.created = true;
@@ -183,6 +207,13 @@ fn open_segments(
                 }
                 segments.push(segment);
             }
+            Err(e @ StorageError::Corrupt { .. }) if quarantine => {
+                // Serve what lies before the damage; later segments stay on
+                // disk, unread, for the repair to judge.
+                *damage = Some(e);
+                active_base = base;
+                break;
+            }
             Err(StorageError::Corrupt { .. })
                 if i + 2 == bases.len() && roll_cut_short(disk, dir, base, bases[i + 1])? =>
             {
@@ -220,19 +251,23 @@ fn open_segments(
         }
     }
     let bound = checkpoint.map_or(0, |c| c.durable_offset);
-    let (active, map) = open_active(dir, active_base, options, bound, report)?;
+    let (active, map) = open_active(dir, active_base, options, bound, report, damage)?;
     check_continuity(segments.last(), active_base, &active.path)?;
     let next = active.next_offset();
     if let Some(cp) = checkpoint {
         if cp.durable_offset > next && options.recovery != RecoveryMode::Repair {
-            return Err(StorageError::Corrupt {
+            let e = StorageError::Corrupt {
                 file: active.path.clone(),
                 position: active.size_bytes(),
                 reason: format!(
                     "the log ends at offset {next} but offsets below {} were recorded durable",
                     cp.durable_offset
                 ),
-            });
+            };
+            if !quarantine {
+                return Err(e);
+            }
+            damage.get_or_insert(e);
         }
     }
     segments.push(Arc::clone(&active));
@@ -279,10 +314,14 @@ fn open_active(
     options: &Options,
     checkpoint_bound: u64,
     report: &mut RecoveryReport,
+    damage: &mut Option<StorageError>,
 ) -> Result<ActiveParts> {
     let disk = &options.disk;
+    let quarantine = options.recovery == RecoveryMode::Quarantine;
     let path = dir.join(segment::file_name(base, LOG_SUFFIX));
-    let file = disk.open(&path, true).map_err(StorageError::io(&path))?;
+    let file = disk
+        .open(&path, !quarantine)
+        .map_err(StorageError::io(&path))?;
     let len = file.size().map_err(StorageError::io(&path))? as usize;
     // Mapped for up to a whole segment; only the file's `len` bytes exist.
     let capacity = len.max(options.segment_bytes as usize);
@@ -298,7 +337,16 @@ fn open_active(
             options.recovery,
             checkpoint_bound,
             report,
-        )?;
+        );
+        let cut = match cut {
+            Err(e @ StorageError::Corrupt { .. }) if quarantine => {
+                damage.get_or_insert(e);
+                None
+            }
+            // Nothing is cut in quarantine, not even a torn tail.
+            Ok(Some(_)) if quarantine => None,
+            other => other?,
+        };
         (scan, cut)
     };
     report.records_verified += scan.records;
@@ -312,7 +360,12 @@ fn open_active(
         capacity,
         len,
         scan,
-        options.write_path,
+        // Read-only in quarantine: the map too.
+        if quarantine {
+            WritePath::Pwrite
+        } else {
+            options.write_path
+        },
     )?;
     if let Some(dirty_end) = cut {
         map.zero_to(dirty_end)
@@ -351,10 +404,17 @@ fn judge_tail(
         | (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::AbsoluteConsistency) => {
             Err(corrupt(from, reason))
         }
-        (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::TolerateTornTail) => Err(corrupt(
+        (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::TolerateTornTail)
+        | (TailVerdict::Damaged { from, reason, .. }, RecoveryMode::Quarantine) => Err(corrupt(
             from,
-            format!("{reason}; not a torn tail (open with RecoveryMode::Repair to cut the log here)"),
+            format!(
+                "{reason}; not a torn tail (`bida repair {}` cuts the log here)",
+                path.parent().unwrap_or(path).display()
+            ),
         )),
+        (TailVerdict::Torn { from, reason, .. }, RecoveryMode::Quarantine) => {
+            Err(corrupt(from, reason))
+        }
         (TailVerdict::Torn { from, to, reason }, RecoveryMode::TolerateTornTail) => {
             tracing::warn!(
                 segment = %path.display(),
@@ -366,8 +426,17 @@ fn judge_tail(
             Ok(Some(to))
         }
         (TailVerdict::Torn { from, to, reason }, RecoveryMode::Repair)
-        | (TailVerdict::Damaged { from, to, reason, .. }, RecoveryMode::Repair) => {
-            let note = format!("cut {} bytes at byte {from} of {}: {reason}", to - from, path.display());
+        | (
+            TailVerdict::Damaged {
+                from, to, reason, ..
+            },
+            RecoveryMode::Repair,
+        ) => {
+            let note = format!(
+                "cut {} bytes at byte {from} of {}: {reason}",
+                to - from,
+                path.display()
+            );
             tracing::error!("repair: {note}");
             report.repaired = Some(note);
             Ok(Some(to))

@@ -116,8 +116,15 @@ pub enum RecoveryMode {
     AbsoluteConsistency,
     /// Cut the log at the first invalid record, wherever it is, dropping
     /// everything after it (later segments too), and log exactly what was
-    /// dropped. For an operator who has decided the rest is lost.
+    /// dropped. For an operator who has decided the rest is lost
+    /// (`bida repair`).
     Repair,
+    /// Open what is valid up to the first damage and change nothing on
+    /// disk: the log serves reads up to there and refuses appends
+    /// ([`StorageError::Damaged`](super::StorageError::Damaged)) until it is
+    /// repaired. A broker opens a partition this way when it does not open
+    /// under `TolerateTornTail`, so one damaged partition stops only itself.
+    Quarantine,
 }
 
 /// Deletion of whole sealed segments; the active segment is never deleted.

@@ -22,7 +22,7 @@ pub(super) enum Roll {
 }
 
 /// Dropped pages are released in steps of at least this many bytes.
-const RELEASE_STEP_BYTES: usize = 8 << 20;
+pub(super) const RELEASE_STEP_BYTES: usize = 8 << 20;
 
 /// How many messages ahead of the one being appended the dedup window's
 /// cache lines are prefetched.
@@ -31,6 +31,14 @@ pub(super) const DEDUP_PREFETCH_AHEAD: usize = 8;
 impl Inner {
     pub(super) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         lock(&self.writer)
+    }
+
+    /// Opened under `RecoveryMode::Quarantine` with damage found.
+    pub(super) fn is_damaged(&self) -> bool {
+        matches!(
+            self.lock_writer().broken.as_deref(),
+            Some(StorageError::Damaged { .. })
+        )
     }
 
     pub(super) fn segments(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Segment>>> {

@@ -148,6 +148,10 @@ error_codes! {
     /// A bounded table is full (open transactions, pending delayed
     /// messages) or the transaction is being decided right now. Retriable.
     Busy = 202,
+    /// The partition's stored data is damaged: it serves reads up to the
+    /// damage and refuses writes until an operator repairs it (`bida
+    /// repair`, named in the message). Not retriable.
+    PartitionDamaged = 203,
 }
 
 impl ErrorCode {

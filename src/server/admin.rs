@@ -203,6 +203,9 @@ struct PartitionView {
     durable: u64,
     segments: usize,
     disk_bytes: u64,
+    /// Why the partition refuses writes, if its data is damaged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    damaged: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -245,6 +248,7 @@ fn build_overview(broker: &Broker) -> Overview {
                 durable: p.log.durable_offset(),
                 segments: infos.len(),
                 disk_bytes: infos.iter().map(|s| s.size_bytes).sum(),
+                damaged: p.log.damage().map(|e| e.to_string()),
             });
             for (name, state) in p.groups().iter() {
                 let g = groups

@@ -74,6 +74,11 @@ pub fn render(broker: &Broker) -> String {
         "partition_disk_bytes",
         "Bytes of records in the partition's segments",
     );
+    let damaged = gauge_family(
+        &mut r,
+        "partition_damaged",
+        "1 for a partition whose data is damaged: it serves reads up to the damage and refuses writes until `bida repair`",
+    );
     let dlq = gauge_family(
         &mut r,
         "dlq_depth_messages",
@@ -93,6 +98,7 @@ pub fn render(broker: &Broker) -> String {
             let next = p.log.next_offset();
             set(&end, &pl, next);
             set(&durable, &pl, p.log.durable_offset());
+            set(&damaged, &pl, u64::from(p.log.damage().is_some()));
             let infos = p.log.segments();
             set(&segments, &pl, infos.len() as u64);
             set(&disk, &pl, infos.iter().map(|s| s.size_bytes).sum());
