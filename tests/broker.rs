@@ -331,6 +331,7 @@ async fn an_unacked_delivery_goes_to_another_consumer_with_backoff() {
     let broker = BrokerProcess::start(dir.path(), &[]);
     let admin = Client::connect(broker.addr).await.unwrap();
     let config = TopicConfig {
+        retention_consumed: false,
         ack_timeout_ms: 300,
         max_deliveries: 10,
         backoff: Some(Backoff::Exponential {
@@ -398,6 +399,7 @@ async fn a_poison_message_lands_in_the_dead_letter_topic() {
     let broker = BrokerProcess::start(dir.path(), &[]);
     let client = Client::connect(broker.addr).await.unwrap();
     let config = TopicConfig {
+        retention_consumed: false,
         ack_timeout_ms: 5_000,
         max_deliveries: 3,
         backoff: Some(Backoff::Fixed { delay_ms: 20 }),
@@ -457,6 +459,7 @@ async fn an_unpolled_group_still_expires_and_dead_letters() {
     let broker = BrokerProcess::start(dir.path(), &[]);
     let client = Client::connect(broker.addr).await.unwrap();
     let config = TopicConfig {
+        retention_consumed: false,
         ack_timeout_ms: 300,
         max_deliveries: 2,
         backoff: Some(Backoff::Fixed { delay_ms: 50 }),

@@ -102,6 +102,7 @@ fn open(dir: &std::path::Path) -> Arc<Broker> {
                 partitions: 1,
                 if_not_exists: true,
                 config: TopicConfig {
+                    retention_consumed: false,
                     ack_timeout_ms: 600_000,
                     max_deliveries: 2,
                     backoff: Some(Backoff::Fixed { delay_ms: 0 }),

@@ -303,6 +303,13 @@ impl BrokerConfig {
         )?;
         at_least("max_deliveries", 1, u64::from(self.max_deliveries))?;
         at_least("open_files_max", 16, u64::from(self.open_files_max))?;
+        // A record must fit in a segment; said at start, not at the first
+        // topic the broker creates.
+        at_least(
+            "segment_bytes",
+            u64::from(self.record_bytes_max),
+            self.segment_bytes,
+        )?;
         at_least("dedup_memory_max", 1 << 20, self.dedup_memory_max)?;
         at_least(
             "retention_check_interval_ms",

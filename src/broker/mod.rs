@@ -220,6 +220,9 @@ struct TopicMeta {
     /// the default: those keep the hash their producers already use.
     #[serde(default = "KeyHashMeta::legacy")]
     key_hash: KeyHashMeta,
+    /// Delete sealed segments every group has committed past.
+    #[serde(default)]
+    retention_consumed: bool,
 }
 
 /// `key_hash` in topic.json.
@@ -319,6 +322,7 @@ impl Topic {
                 ack_timeout_ms: self.meta.ack_timeout_ms,
                 max_deliveries: self.meta.max_deliveries,
                 backoff: Some(self.meta.backoff.into()),
+                retention_consumed: self.meta.retention_consumed,
             },
             key_hash: self.meta.key_hash.into(),
         }
@@ -725,6 +729,7 @@ impl Broker {
             },
             backoff: c.backoff.unwrap_or(self.config.backoff).into(),
             key_hash: KeyHashMeta::Murmur2,
+            retention_consumed: c.retention_consumed,
         };
         let topic = self.open_topic(&req.topic, Some(meta))?;
         tracing::info!(topic = %req.topic, partitions, "topic created");
@@ -1122,6 +1127,7 @@ impl Broker {
     /// it serves).
     pub async fn run_expiry_timer(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(EXPIRY_TICK_MS));
+        let mut last_retention = Instant::now();
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -1134,7 +1140,57 @@ impl Broker {
             if let Err(e) = self.expire_deliveries().await {
                 tracing::warn!(error = %e, "expiring deliveries failed; trying again next tick");
             }
+            if last_retention.elapsed().as_millis()
+                >= u128::from(self.config.retention_check_interval_ms)
+            {
+                last_retention = Instant::now();
+                let broker = Arc::clone(&self);
+                match tokio::task::spawn_blocking(move || broker.apply_consumed_retention()).await {
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "retention once consumed failed; trying again later")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "retention once consumed did not run"),
+                    Ok(Ok(_)) => {}
+                }
+            }
         }
+    }
+
+    /// Retention once consumed: in every topic created with it, deletes the
+    /// sealed segments of each partition that every group reading the
+    /// topic has committed past. A group that has not read a partition yet
+    /// holds it whole; a topic no group reads keeps everything (the time
+    /// and size limits still apply). Returns the segments deleted. The
+    /// broker's timer runs it every `retention_check_interval_ms`.
+    pub fn apply_consumed_retention(&self) -> Result<usize, BrokerError> {
+        let topics: Vec<Arc<Topic>> = read(&self.topics)
+            .values()
+            .filter(|t| t.meta.retention_consumed)
+            .cloned()
+            .collect();
+        let mut deleted = 0;
+        for topic in topics {
+            let groups: std::collections::BTreeSet<String> = topic
+                .partitions
+                .iter()
+                .flat_map(|p| p.groups().keys().cloned().collect::<Vec<_>>())
+                .collect();
+            if groups.is_empty() {
+                continue;
+            }
+            for p in &topic.partitions {
+                let consumed = {
+                    let states = p.groups();
+                    groups
+                        .iter()
+                        .map(|g| states.get(g).map_or(0, |s| s.committed()))
+                        .min()
+                        .unwrap_or(0)
+                };
+                deleted += p.log.delete_before(consumed)?.segments_deleted;
+            }
+        }
+        Ok(deleted)
     }
 
     /// One tick of the broker's own timer: every delivery whose ack deadline has passed becomes due for

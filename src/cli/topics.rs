@@ -19,6 +19,15 @@ pub struct Args {
     command: Option<TopicsCommand>,
 }
 
+/// What deletes a topic's messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RetentionArg {
+    /// The broker's time and size limits.
+    Time,
+    /// Also: once every consumer group has committed past them.
+    Consumed,
+}
+
 #[derive(clap::Subcommand, Debug)]
 enum TopicsCommand {
     /// List topics (the default).
@@ -46,6 +55,11 @@ enum TopicsCommand {
         /// Succeed if it exists already.
         #[arg(long)]
         if_not_exists: bool,
+        /// `consumed`: also delete a sealed segment once every consumer
+        /// group reading the topic has committed past it. `time` (the
+        /// default): only the broker's time and size limits.
+        #[arg(long, value_enum, default_value_t = RetentionArg::Time)]
+        retention: RetentionArg,
     },
     /// Partitions, offsets, settings and every group's position and lag.
     Describe { name: String },
@@ -73,6 +87,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 backoff_base_ms,
                 backoff_max_ms,
                 if_not_exists,
+                retention,
             } => {
                 let backoff = match (backoff_fixed_ms, backoff_base_ms) {
                     (Some(d), _) => Some(Backoff::Fixed { delay_ms: d }),
@@ -87,6 +102,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     ack_timeout_ms,
                     max_deliveries,
                     backoff,
+                    retention_consumed: retention == RetentionArg::Consumed,
                 };
                 let t = client
                     .create_topic(&name, partitions, if_not_exists, config)

@@ -187,10 +187,14 @@ pub struct TopicConfig {
     pub ack_timeout_ms: u32,
     pub max_deliveries: u16,
     pub backoff: Option<Backoff>,
+    /// Also delete a sealed segment once every group reading the topic has
+    /// committed past it ("retention once consumed"), beside the broker's
+    /// time and size limits. Wire: `u8` 0 or 1.
+    pub retention_consumed: bool,
 }
 
 impl TopicConfig {
-    pub const WIRE_LEN: usize = 4 + 2 + 1 + 4 + 4 + 2;
+    pub const WIRE_LEN: usize = 4 + 2 + 1 + 4 + 4 + 2 + 1;
 
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.put_u32(self.ack_timeout_ms);
@@ -219,6 +223,7 @@ impl TopicConfig {
                 out.put_u16(factor_percent);
             }
         }
+        out.put_u8(u8::from(self.retention_consumed));
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, WireError> {
@@ -296,10 +301,21 @@ impl TopicConfig {
                 })
             }
         };
+        let retention = r.u8()?;
+        if retention > 1 {
+            return Err(WireError::InvalidValue {
+                field: "retention_consumed",
+                problem: Problem::NotOneOf {
+                    expected: &[0, 1],
+                    found: u64::from(retention),
+                },
+            });
+        }
         Ok(TopicConfig {
             ack_timeout_ms,
             max_deliveries,
             backoff,
+            retention_consumed: retention == 1,
         })
     }
 }

@@ -53,6 +53,7 @@ pub async fn json(
 /// `<topic>.dlq`. Returns once it is there.
 pub async fn poison(client: &Arc<Client>, topic: &str, payload: &[u8]) {
     let config = TopicConfig {
+        retention_consumed: false,
         ack_timeout_ms: 60_000,
         max_deliveries: 1,
         backoff: Some(Backoff::Fixed { delay_ms: 10 }),
