@@ -32,7 +32,7 @@ async fn send(
     partition: u32,
     i: u64,
 ) -> Result<u64, bida::client::ClientError> {
-    let payload = vec![(i % 251) as u8; PAYLOAD];
+    let payload = [(i % 251) as u8; PAYLOAD];
     let batch = producer.encode_payloads(Some(partition), [&payload[..]].into_iter());
     let receipts = producer.send_encoded(batch).await?;
     Ok(receipts[0].offset)
