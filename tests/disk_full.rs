@@ -164,3 +164,46 @@ async fn a_full_disk_refuses_writes_clearly_keeps_reads_and_recovers() {
     );
     drop(mount);
 }
+
+/// A topic the disk has no room for (here: no inodes left for its
+/// partitions' directories) is refused with DISK_FULL, and nothing of it is
+/// left behind: not listed, no directory, and a smaller topic can still be
+/// created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_disk_has_no_room_for_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,nr_inodes=2000", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("BIDA_REQUIRE_MOUNT").as_deref() != Ok("1"),
+            "BIDA_REQUIRE_MOUNT=1 but mounting a tmpfs failed (needs root)"
+        );
+        eprintln!("SKIPPED: the topic-creation disk-full test needs to mount a tmpfs (root)");
+        return;
+    }
+    let _mount = Mount(mnt.clone());
+    let data = mnt.join("data");
+    let broker = BrokerProcess::start(&data, &[]);
+    let client = Client::connect(broker.addr).await.unwrap();
+    let err = client
+        .create_topic("huge", 5000, false, Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::DiskFull), "{err}");
+    assert!(
+        !data.join("topics/huge").exists(),
+        "the half-made topic was removed"
+    );
+    assert!(client.list_topics().await.unwrap().is_empty());
+    let small = client
+        .create_topic("small", 4, false, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(small.partitions, 4);
+}

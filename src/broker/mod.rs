@@ -185,6 +185,9 @@ impl BrokerError {
             BrokerError::Busy(_) => ErrorCode::Busy,
             BrokerError::PartitionDamaged { .. } => ErrorCode::PartitionDamaged,
             BrokerError::Storage(e) if e.is_disk_full() => ErrorCode::DiskFull,
+            BrokerError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+                ErrorCode::DiskFull
+            }
             BrokerError::Durability(e) if e.is_disk_full() => ErrorCode::DiskFull,
             BrokerError::Storage(_)
             | BrokerError::Durability(_)
