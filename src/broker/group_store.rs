@@ -524,16 +524,26 @@ fn run(
                     threshold = compact_bytes.max(2 * log_bytes(&l));
                     l
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "compacting the groups log failed; acks can no longer be stored");
-                    let cause = Arc::new(e);
-                    for Request::Write(_, done) in rx.iter() {
-                        if let Some(d) = done {
-                            let _ = d.send(Err(Arc::clone(&cause)));
-                        }
+                Err(e) => match reopen_after_failed_compaction(&dir, &setup) {
+                    Ok(l) => {
+                        // The log as it was (or the finished snapshot):
+                        // acks go on being stored; compaction is tried
+                        // again at twice the size.
+                        tracing::warn!(error = %e, "compacting the groups log failed; kept the log and go on");
+                        threshold = threshold.saturating_mul(2);
+                        l
                     }
-                    return;
-                }
+                    Err(reopen) => {
+                        tracing::error!(error = %e, reopen = %reopen, "compacting the groups log failed and it cannot be reopened; acks can no longer be stored");
+                        let cause = Arc::new(e);
+                        for Request::Write(_, done) in rx.iter() {
+                            if let Some(d) = done {
+                                let _ = d.send(Err(Arc::clone(&cause)));
+                            }
+                        }
+                        return;
+                    }
+                },
             };
         }
         let Ok(first) = rx.recv() else { break };
@@ -565,6 +575,17 @@ fn run(
     if let Err(e) = log.close() {
         tracing::error!(error = %e, "closing the groups log failed");
     }
+}
+
+/// After a compaction failed part way: the swap settled (undone, or
+/// finished if the snapshot was complete), the log opened again.
+fn reopen_after_failed_compaction(dir: &Path, setup: &StoreSetup) -> Result<Log, StorageError> {
+    settle_swap(dir).map_err(StorageError::io(dir))?;
+    if !dir.exists() {
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        return Err(StorageError::io(dir)(missing));
+    }
+    Log::open(dir, log_options(setup))
 }
 
 /// Snapshot into `_groups.tmp`, then swap it in.
@@ -773,6 +794,41 @@ mod tests {
                 },
             )]
         })
+    }
+
+    #[test]
+    fn a_failed_compaction_leaves_a_log_to_go_on_with() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("_groups");
+        let setup = StoreSetup::from(FlushMode::Sync);
+        let entries = |committed| {
+            vec![(
+                key(),
+                Entry::Snapshot {
+                    committed,
+                    acked_above: vec![],
+                },
+            )]
+        };
+        let log = Log::open(&dir, log_options(&setup)).unwrap();
+        let payloads = encode_entry(("t", 1, "g"), &entries(5)[0].1);
+        let msgs: Vec<Message<'_>> = payloads.iter().map(|p| message(p)).collect();
+        log.append(&msgs).unwrap();
+        log.close().unwrap();
+        // Failed after the snapshot was written, before the swap: the
+        // log as it was, the snapshot dropped.
+        write_snapshot(&dir, setup.clone(), &entries(9)).unwrap();
+        let log = reopen_after_failed_compaction(&dir, &setup).unwrap();
+        assert_eq!(replay(&log).unwrap()[&key()].committed, 5);
+        assert!(!dir.with_extension("tmp").exists());
+        log.close().unwrap();
+        // Failed between the two renames: the finished snapshot swapped in.
+        write_snapshot(&dir, setup.clone(), &entries(9)).unwrap();
+        fs::rename(&dir, dir.with_extension("old")).unwrap();
+        let log = reopen_after_failed_compaction(&dir, &setup).unwrap();
+        assert_eq!(replay(&log).unwrap()[&key()].committed, 9);
+        assert!(!dir.with_extension("old").exists());
+        log.close().unwrap();
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Workers {
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
+    /// Signalled when the last running job of a closing log ends.
+    idle: Condvar,
     next_id: AtomicU64,
     /// The flushes of many logs, made durable together (`background.rs`).
     round: Mutex<FlushRound>,
@@ -85,6 +87,19 @@ struct Entry {
     /// When the background job is next due (the timer heap may hold
     /// stale entries; this one counts).
     due: Option<Instant>,
+    /// Being deregistered: nothing new starts; its running jobs finish.
+    closing: bool,
+}
+
+impl Entry {
+    fn running(&self) -> usize {
+        self.running.iter().map(|&n| usize::from(n)).sum()
+    }
+}
+
+std::thread_local! {
+    /// The pool and log whose job this thread runs now, if any.
+    static RUNNING: std::cell::Cell<Option<(usize, TaskId)>> = const { std::cell::Cell::new(None) };
 }
 
 fn slot(job: Job) -> usize {
@@ -108,6 +123,7 @@ impl Workers {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            idle: Condvar::new(),
             next_id: AtomicU64::new(0),
             round: Mutex::new(FlushRound::default()),
         });
@@ -144,15 +160,34 @@ impl Workers {
                 running: [0; 3],
                 again: [false; 3],
                 due: None,
+                closing: false,
             },
         );
         self.wake(id, Job::Background);
         id
     }
 
-    /// Forgets a log; a job of it that is running finishes.
+    /// Forgets a log, once its running jobs have ended: after this
+    /// returns, none runs (a shutdown's last checkpoint or a directory
+    /// moved away cannot meet a background pass still writing). Called
+    /// from a job of the same log (its last holder was the job), it waits
+    /// for the others only.
     pub(crate) fn deregister(&self, id: TaskId) {
-        lock(&self.shared.state).tasks.remove(&id);
+        let pool = Arc::as_ptr(&self.shared) as usize;
+        let own = usize::from(RUNNING.with(|r| r.get()) == Some((pool, id)));
+        let mut state = lock(&self.shared.state);
+        let Some(entry) = state.tasks.get_mut(&id) else {
+            return;
+        };
+        entry.closing = true;
+        while state.tasks.get(&id).is_some_and(|e| e.running() > own) {
+            state = self
+                .shared
+                .idle
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.tasks.remove(&id);
     }
 
     /// Asks for `job` of the log `id` to run soon.
@@ -161,7 +196,7 @@ impl Workers {
         if state.stopping {
             return;
         }
-        let Some(entry) = state.tasks.get_mut(&id) else {
+        let Some(entry) = state.tasks.get_mut(&id).filter(|e| !e.closing) else {
             return;
         };
         let s = slot(job);
@@ -228,7 +263,7 @@ fn worker(shared: &Shared) {
                 break;
             }
             st.timers.pop();
-            let Some(entry) = st.tasks.get_mut(&id) else {
+            let Some(entry) = st.tasks.get_mut(&id).filter(|e| !e.closing) else {
                 continue;
             };
             if entry.due != Some(at) {
@@ -261,20 +296,27 @@ fn worker(shared: &Shared) {
             continue;
         };
         let s = slot(job);
-        let Some(entry) = st.tasks.get_mut(&id) else {
+        let Some(entry) = st.tasks.get_mut(&id).filter(|e| !e.closing) else {
             continue;
         };
         entry.queued[s] = false;
         entry.running[s] += 1;
         let task = entry.task.upgrade();
         drop(state);
+        let pool = shared as *const Shared as usize;
+        RUNNING.with(|r| r.set(Some((pool, id))));
         let due = task.and_then(|t| t.run(job, &shared.round));
+        RUNNING.with(|r| r.set(None));
         state = lock(&shared.state);
         let st = &mut *state;
         let Some(entry) = st.tasks.get_mut(&id) else {
             continue;
         };
         entry.running[s] -= 1;
+        if entry.closing {
+            shared.idle.notify_all();
+            continue;
+        }
         if std::mem::take(&mut entry.again[s]) && !entry.queued[s] {
             entry.queued[s] = true;
             st.ready.push_back((id, job));
@@ -375,5 +417,30 @@ mod tests {
             task.runs[2].load(Ordering::SeqCst) < 20,
             "wakes while one was queued were merged"
         );
+    }
+
+    #[test]
+    fn deregister_returns_only_once_the_running_job_has_ended() {
+        let workers = Workers::start(2, "test-workers").unwrap();
+        let task = counter(None);
+        let weak: Weak<dyn Task> = Arc::downgrade(&(Arc::clone(&task) as Arc<dyn Task>));
+        let id = workers.register(weak);
+        workers.wake(id, Job::Flush); // a flush job sleeps 20 ms in run
+        wait_until("the flush running", || lock(&task.flush_in).eq(&1));
+        workers.deregister(id);
+        assert_eq!(
+            *lock(&task.flush_in),
+            0,
+            "deregister returned while its job ran"
+        );
+        let runs = task.runs[2].load(Ordering::SeqCst);
+        workers.wake(id, Job::Flush);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            task.runs[2].load(Ordering::SeqCst),
+            runs,
+            "a forgotten log ran"
+        );
+        assert_eq!(workers.tasks(), 0);
     }
 }
