@@ -145,6 +145,18 @@ impl Inner {
             }
             state.last_retention = Instant::now();
         }
+        // Pages read since the last pass: sealed segments' let go, the
+        // active one's beyond the hot bytes behind its end.
+        {
+            let segments = self.segments();
+            let sealed = segments.len().saturating_sub(1);
+            for segment in &segments[..sealed] {
+                segment.release_read_pages();
+            }
+            if let (Some(active), Some(hot)) = (segments.last(), options.page_cache_hot_bytes) {
+                active.release_cold_pages(hot, super::writer::RELEASE_STEP_BYTES);
+            }
+        }
         // Next: retention's check, and sooner an async flush or a
         // checkpoint if there is something for them to do. An idle log is
         // run once per retention interval.

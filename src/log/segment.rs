@@ -93,6 +93,8 @@ pub(crate) struct Segment {
     dir_sync: Mutex<()>,
     /// The kernel was last asked to read ahead up to here.
     read_ahead_to: AtomicUsize,
+    /// Read through the map since its pages were last let go.
+    read_since_release: AtomicBool,
 }
 
 /// The size of the next step of space reserved, and when the last was.
@@ -188,6 +190,7 @@ impl Segment {
             dir_unsynced: AtomicBool::new(false),
             dir_sync: Mutex::new(()),
             read_ahead_to: AtomicUsize::new(0),
+            read_since_release: AtomicBool::new(false),
         });
         Ok((segment, writer))
     }
@@ -296,6 +299,7 @@ impl Segment {
             dir_unsynced: AtomicBool::new(false),
             dir_sync: Mutex::new(()),
             read_ahead_to: AtomicUsize::new(0),
+            read_since_release: AtomicBool::new(false),
         });
         Ok((segment, scan))
     }
@@ -413,6 +417,7 @@ impl Segment {
             .view(start..end)
             .ok_or_else(|| self.corrupt(start, "read range outside the published bytes"))?;
         self.read_ahead(end);
+        self.read_since_release.store(true, Ordering::Relaxed);
         Ok(Some(SegmentRead {
             bytes: view,
             records,
@@ -625,6 +630,17 @@ impl Segment {
         }
         self.release_range(from..target);
         self.released.fetch_max(target, Ordering::AcqRel);
+    }
+
+    /// Lets this process's mappings of a sealed segment's pages go if it
+    /// was read since the last call (the page cache keeps them; a read
+    /// faults them back): consumers reading a backlog would otherwise keep
+    /// every page they touched mapped, and the broker's resident memory
+    /// would grow with the data read.
+    pub(crate) fn release_read_pages(&self) {
+        if self.read_since_release.swap(false, Ordering::Relaxed) {
+            let _ = self.map.release_pages(0..self.map.published());
+        }
     }
 
     /// Drops every durable page of the segment from this process and the
