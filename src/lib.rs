@@ -10,6 +10,8 @@
 //!   messages; it owns when a request is acknowledged.
 //! - [`server`]: the wire edge above the broker: the TCP listener, one
 //!   file per opcode family, memory admission, and the admin HTTP listener.
+//! - [`kafka`]: a second edge above the broker: the Kafka-protocol
+//!   listener (docs/KAFKA.md), off by default.
 //! - [`client`]: the Rust client: producer with retries, consumer, and the
 //!   idempotent-consumer helper.
 //! - [`tls`]: optional TLS (rustls) around the protocol and the admin
@@ -21,6 +23,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod kafka;
 pub mod log;
 pub mod net;
 pub mod protocol;

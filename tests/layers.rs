@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "server",
         &["broker", "log", "protocol", "net", "tls", "sync"],
     ),
+    ("kafka", &["broker", "log", "protocol", "tls", "sync"]),
     ("client", &["log", "protocol", "net", "tls", "sync"]),
 ];
 

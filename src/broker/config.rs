@@ -25,6 +25,14 @@ pub struct BrokerConfig {
     /// The admin HTTP listener (`/metrics`); `None` turns it off.
     /// Default: `127.0.0.1:7879`.
     pub admin_listen: Option<SocketAddr>,
+    /// The Kafka-protocol listener (docs/KAFKA.md); `None` turns it off.
+    /// Default: off.
+    pub kafka_listen: Option<SocketAddr>,
+    /// The `host:port` Kafka clients are told to connect to (Metadata,
+    /// FindCoordinator): set it when they reach the listener through a
+    /// proxy, NAT or a container's port mapping. Default: the Kafka
+    /// listener's own address.
+    pub kafka_advertise: Option<(String, u16)>,
     /// When set, every client connection must present it in HELLO, and
     /// every admin request (console, JSON API, `/metrics`) as
     /// `Authorization: Bearer TOKEN`. Default: none (anyone who can reach
@@ -196,6 +204,8 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("./bida-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))),
+            kafka_listen: None,
+            kafka_advertise: None,
             auth_token: None,
             flush: FlushMode::Sync,
             write_path: WritePath::Pwrite,
@@ -265,12 +275,15 @@ pub enum ConfigError {
         first: &'static str,
         second: &'static str,
     },
-    #[error("admin_listen must be an address or \"off\", got {got:?}: {source}")]
+    #[error("{key} must be an address or \"off\", got {got:?}: {source}")]
     BadAddress {
+        key: &'static str,
         got: String,
         #[source]
         source: std::net::AddrParseError,
     },
+    #[error("kafka_advertise must be HOST:PORT (a port 1..=65535) or empty, got {got:?}")]
+    BadAdvertise { got: String },
     #[error("{0}")]
     File(#[from] toml::de::Error),
 }
@@ -405,6 +418,12 @@ impl BrokerConfig {
         if let Some(v) = f.admin_listen {
             self.admin_listen = parse_admin_listen(&v)?;
         }
+        if let Some(v) = f.kafka_listen {
+            self.kafka_listen = parse_listen("kafka_listen", &v)?;
+        }
+        if let Some(v) = f.kafka_advertise {
+            self.kafka_advertise = parse_advertise(&v)?;
+        }
         if let Some(v) = f.retention_ms {
             self.retention_ms = (v > 0).then_some(v);
         }
@@ -483,15 +502,40 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 /// An address, or `off`.
 pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    parse_listen("admin_listen", s)
+}
+
+/// The address of listener `key`, or `off`.
+pub fn parse_listen(key: &'static str, s: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if s == "off" {
         return Ok(None);
     }
     s.parse()
         .map(Some)
         .map_err(|source| ConfigError::BadAddress {
+            key,
             got: s.to_owned(),
             source,
         })
+}
+
+/// `HOST:PORT` (a name, an IPv4 address, or `[IPv6]`), or empty for none.
+pub fn parse_advertise(s: &str) -> Result<Option<(String, u16)>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ConfigError::BadAdvertise { got: s.to_owned() };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let visible = |c: char| c.is_ascii_graphic() && !matches!(c, '[' | ']' | '/');
+    if port == 0 || host.is_empty() || host.len() > 255 || !host.chars().all(visible) {
+        return Err(bad());
+    }
+    Ok(Some((host.to_owned(), port)))
 }
 
 /// `fallocate` or `zeroes`.
@@ -530,6 +574,8 @@ pub const FILE_KEYS: &[&str] = &[
     "data_dir",
     "listen",
     "admin_listen",
+    "kafka_listen",
+    "kafka_advertise",
     "auth_token",
     "flush",
     "flush_interval_ms",
@@ -574,6 +620,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     admin_listen: Option<String>,
+    kafka_listen: Option<String>,
+    kafka_advertise: Option<String>,
     auth_token: Option<String>,
     flush: Option<String>,
     flush_interval_ms: Option<u64>,
@@ -636,6 +684,33 @@ mod tests {
             assert!(
                 example.lines().any(|l| l.starts_with(&format!("{key} ="))),
                 "docs/bida.example.toml lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn kafka_advertise_is_host_and_port() {
+        assert_eq!(parse_advertise("").unwrap(), None);
+        assert_eq!(
+            parse_advertise("kafka.example:9092").unwrap(),
+            Some(("kafka.example".to_owned(), 9092))
+        );
+        assert_eq!(
+            parse_advertise("[::1]:19092").unwrap(),
+            Some(("::1".to_owned(), 19092))
+        );
+        for bad in [
+            "kafka.example",
+            ":9092",
+            "h:0",
+            "h:70000",
+            "h:x",
+            "a b:1",
+            "[]:1",
+        ] {
+            assert!(
+                matches!(parse_advertise(bad), Err(ConfigError::BadAdvertise { .. })),
+                "{bad} was accepted"
             );
         }
     }

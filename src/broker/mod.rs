@@ -129,6 +129,15 @@ pub enum Invalid {
     TooManySubscriptions { max: usize },
     #[error("{name:?} is not a dead-letter topic (its name does not end in {DLQ_SUFFIX:?})")]
     NotDeadLetterTopic { name: String },
+    #[error(
+        "{topic} partition {partition} ends at offset {end}: no position past it, got {offset}"
+    )]
+    Offset {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        end: u64,
+    },
     #[error("{topic} partition {partition} has no message at offset {offset}")]
     NoMessageAt {
         topic: String,
@@ -455,6 +464,20 @@ impl Broker {
             stopping: std::sync::atomic::AtomicBool::new(false),
             stop: Notify::new(),
         });
+        // Deletions a crash interrupted: their directories were renamed
+        // away before anything else went.
+        for entry in fs::read_dir(&topics_dir)
+            .map_err(io_err(&topics_dir))?
+            .flatten()
+        {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".deleted-"))
+            {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         let mut names: Vec<String> = fs::read_dir(&topics_dir)
             .map_err(io_err(&topics_dir))?
             .filter_map(|e| e.ok())
@@ -1157,6 +1180,118 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Sets `group`'s position in a partition to `offset` (a Kafka
+    /// OffsetCommit): everything below counts as consumed, its deliveries
+    /// in flight there are forgotten. Returns once the position is durable
+    /// in the groups log.
+    pub async fn commit_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &str,
+        offset: u64,
+    ) -> Result<(), BrokerError> {
+        check_name("group", group).map_err(BrokerError::InvalidName)?;
+        let t = self.topic(topic)?;
+        let p = t.partition(partition)?;
+        let end = p.log.next_offset();
+        if offset > end {
+            return Err(Invalid::Offset {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                end,
+            }
+            .into());
+        }
+        p.groups()
+            .insert(group.to_owned(), GroupPartitionState::new(offset));
+        let written = self.groups().as_ref().map(|store| {
+            store.write(
+                (topic, partition, group),
+                &Entry::Snapshot {
+                    committed: offset,
+                    acked_above: Vec::new(),
+                },
+            )
+        });
+        if let Some(written) = written {
+            written
+                .await
+                .map_err(|_| BrokerError::Stopping)?
+                .map_err(BrokerError::Durability)?;
+        }
+        Ok(())
+    }
+
+    /// `group`'s committed position in a partition, if it has one.
+    pub fn committed_offset(&self, topic: &str, partition: u32, group: &str) -> Option<u64> {
+        let t = self.topic(topic).ok()?;
+        let p = t.partition(partition).ok()?;
+        let groups = p.groups();
+        groups.get(group).map(GroupPartitionState::committed)
+    }
+
+    /// Every (topic, partition, committed) where `group` has a position.
+    pub fn group_offsets(&self, group: &str) -> Vec<(String, u32, u64)> {
+        let topics: Vec<Arc<Topic>> = read(&self.topics).values().cloned().collect();
+        let mut out = Vec::new();
+        for t in topics {
+            for p in &t.partitions {
+                if let Some(s) = p.groups().get(group) {
+                    out.push((t.name.clone(), p.index, s.committed()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Deletes a topic: it leaves the broker at once, every group's
+    /// position in it is forgotten (durably, so a topic created again
+    /// under the name starts afresh), its logs are closed, and its
+    /// directory is renamed away and removed. Creates and deletes files:
+    /// run it off the async workers.
+    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
+        let _guard = lock(&self.create_lock);
+        let topic = write(&self.topics)
+            .remove(name)
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+        topic.appended.notify_waiters();
+        let mut waits = Vec::new();
+        if let Some(store) = self.groups().as_ref() {
+            for p in &topic.partitions {
+                for g in p.groups().keys() {
+                    waits.push(store.write(
+                        (name, p.index, g),
+                        &Entry::Snapshot {
+                            committed: 0,
+                            acked_above: Vec::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        for w in waits {
+            w.blocking_recv()
+                .map_err(|_| BrokerError::Stopping)?
+                .map_err(BrokerError::Durability)?;
+        }
+        for p in &topic.partitions {
+            p.stop_waiting();
+            p.log.shutdown()?;
+        }
+        let topics_dir = self.config.data_dir.join("topics");
+        let dir = topics_dir.join(name);
+        let gone = topics_dir.join(format!(".deleted-{name}-{}", now_ms()));
+        fs::rename(&dir, &gone).map_err(io_err(&dir))?;
+        fs::File::open(&topics_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&topics_dir))?;
+        fs::remove_dir_all(&gone).map_err(io_err(&gone))?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
     }
 
     /// Retention once consumed: in every topic created with it, deletes the

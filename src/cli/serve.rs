@@ -26,6 +26,14 @@ pub struct Args {
     /// port, printed at start [default: 127.0.0.1:7879]
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// The Kafka-protocol listener (docs/KAFKA.md), e.g. 127.0.0.1:9092;
+    /// port 0 picks a free port, printed at start [default: off]
+    #[arg(long)]
+    pub kafka_listen: Option<String>,
+    /// HOST:PORT Kafka clients are told to connect to, when they reach the
+    /// listener through a proxy or NAT [default: the listener's address]
+    #[arg(long)]
+    pub kafka_advertise: Option<String>,
     /// Require this token: in HELLO from clients, as `Authorization:
     /// Bearer TOKEN` on the admin listener [default: none]
     #[arg(long, env = "BIDA_AUTH_TOKEN", hide_env_values = true)]
@@ -183,6 +191,14 @@ impl Args {
         if let Some(v) = self.listen {
             c.listen = v;
         }
+        if let Some(v) = &self.kafka_listen {
+            c.kafka_listen =
+                bida::broker::config::parse_listen("kafka_listen", v).map_err(|e| e.to_string())?;
+        }
+        if let Some(v) = &self.kafka_advertise {
+            c.kafka_advertise =
+                bida::broker::config::parse_advertise(v).map_err(|e| e.to_string())?;
+        }
         if let Some(v) = &self.admin_listen {
             c.admin_listen =
                 bida::broker::config::parse_admin_listen(v).map_err(|e| e.to_string())?;
@@ -328,12 +344,35 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             None => None,
         };
+        let (kafka_stop, kafka_stopped) = tokio::sync::oneshot::channel::<()>();
+        let kafka = match config.kafka_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("Kafka listener on {a}: {e}"))?;
+                println!("bida: kafka on {}", l.local_addr()?);
+                let stopped = async {
+                    let _ = kafka_stopped.await;
+                };
+                Some(tokio::spawn(bida::kafka::serve(
+                    broker.clone(),
+                    l,
+                    tls.clone(),
+                    stopped,
+                )))
+            }
+            None => None,
+        };
         use std::io::Write;
         std::io::stdout().flush()?;
         server::serve(broker.clone(), listener, tls, shutdown_signal()).await;
         let _ = admin_stop.send(());
+        let _ = kafka_stop.send(());
         if let Some(a) = admin {
             let _ = a.await;
+        }
+        if let Some(k) = kafka {
+            let _ = k.await;
         }
         tracing::info!("stopping: flushing every log");
         let broker = Arc::clone(&broker);

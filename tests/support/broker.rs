@@ -11,6 +11,8 @@ pub struct BrokerProcess {
     pub addr: SocketAddr,
     /// The admin HTTP listener (`/metrics`).
     pub admin: SocketAddr,
+    /// The Kafka-protocol listener, when started with `--kafka-listen`.
+    pub kafka: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
@@ -44,7 +46,7 @@ impl BrokerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            for _ in 0..2 {
+            for _ in 0..3 {
                 if let Some(Ok(line)) = lines.next() {
                     let _ = tx.send(line);
                 }
@@ -69,7 +71,21 @@ impl BrokerProcess {
             .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
             .parse()
             .expect("an address");
-        BrokerProcess { child, addr, admin }
+        let kafka = extra.contains(&"--kafka-listen").then(|| {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the broker printed its Kafka address");
+            line.strip_prefix("bida: kafka on ")
+                .unwrap_or_else(|| panic!("unexpected third line {line:?}"))
+                .parse()
+                .expect("an address")
+        });
+        BrokerProcess {
+            child,
+            addr,
+            admin,
+            kafka,
+        }
     }
 
     /// Waits for the process to exit by itself (a crash hook), at most
