@@ -624,6 +624,7 @@ impl Broker {
             }
         };
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
+        let (started, mut unclean, mut truncated) = (std::time::Instant::now(), 0u32, 0u64);
         for index in 0..meta.partitions {
             let log_dir = dir.join(index.to_string());
             let log = match Log::open(&log_dir, self.log_options()) {
@@ -655,8 +656,20 @@ impl Broker {
             let metrics = Arc::clone(&self.metrics);
             log.observe_flushes(Arc::new(move |d| metrics.flushed(d)));
             let report = log.recovery_report();
+            unclean += u32::from(!report.created && !report.clean_shutdown);
+            truncated += report.bytes_truncated;
             tracing::debug!(topic = name, partition = index, ?report, "partition open");
             partitions.push(Arc::new(Partition::new(index, log)));
+        }
+        if !creating {
+            tracing::info!(
+                topic = name,
+                partitions = meta.partitions,
+                recovered_after_unclean_shutdown = unclean,
+                bytes_truncated = truncated,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "topic opened"
+            );
         }
         Ok(Arc::new(Topic {
             name: name.to_owned(),

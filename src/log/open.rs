@@ -577,10 +577,13 @@ pub(super) fn write_checkpoint(disk: &Disk, dir: &Path, checkpoint: Checkpoint) 
     segment::write_file_synced(disk, &dir.join(CHECKPOINT_FILE), &checkpoint.encode())
 }
 
+/// What opening found, per log: a cut or a repair is a warning; anything
+/// else is debug detail (a broker opening 10,000 partitions after a crash
+/// logs one line per topic, `Broker::open_topic`, not one per partition).
 fn log_report(dir: &Path, report: &RecoveryReport) {
     if report.created {
-        tracing::info!(dir = %dir.display(), "created a new log");
-    } else if report.bytes_truncated > 0 || report.repaired.is_some() || !report.clean_shutdown {
+        tracing::debug!(dir = %dir.display(), "created a new log");
+    } else if report.bytes_truncated > 0 || report.repaired.is_some() {
         tracing::warn!(
             dir = %dir.display(),
             clean_shutdown = report.clean_shutdown,
@@ -591,12 +594,15 @@ fn log_report(dir: &Path, report: &RecoveryReport) {
             indexes_rebuilt = report.indexes_rebuilt,
             next_offset = report.next_offset,
             duration_ms = report.duration.as_secs_f64() * 1000.0,
-            "recovered log"
+            "recovered log: bytes cut from its tail"
         );
     } else {
-        tracing::info!(
+        tracing::debug!(
             dir = %dir.display(),
+            clean_shutdown = report.clean_shutdown,
             segments = report.segments,
+            records_verified = report.records_verified,
+            indexes_rebuilt = report.indexes_rebuilt,
             next_offset = report.next_offset,
             duration_ms = report.duration.as_secs_f64() * 1000.0,
             "opened log"
