@@ -11,6 +11,8 @@
 //!   connection instead of passing on some produce responses stores every
 //!   message exactly once, in order; lz4 and zstd batches read back intact
 //!   (`tests/kafka/confluent_idempotent.py`);
+//! - kcat over TLS with SASL/PLAIN carrying the broker's token: served with
+//!   the token, refused with another password or without TLS;
 //! - malformed and truncated requests, unknown keys and versions close the
 //!   connection; other clients are unaffected (no client library needed).
 //!
@@ -249,6 +251,111 @@ async fn kafka_python_group_rebalances_and_commits_survive_a_restart() {
     ]));
 }
 
+/// A CA (its PEM written to `dir/ca.pem`) and a certificate for 127.0.0.1
+/// signed by it (`dir/cert.pem`, `dir/key.pem`), as tests/tls.rs makes.
+fn make_certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "bida kafka test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_is_served_over_tls_with_the_token_as_its_sasl_password_and_no_one_else() {
+    let Some(kcat) = kcat() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let broker = BrokerProcess::start(
+        data.path(),
+        &[
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--auth-token",
+            "s3cret",
+            "--tls-cert",
+            &file("cert.pem"),
+            "--tls-key",
+            &file("key.pem"),
+        ],
+    );
+    let bootstrap = broker.kafka.unwrap().to_string();
+    let ca = format!("ssl.ca.location={}", file("ca.pem"));
+    let kcat_with = |protocol: &str, password: &str, rest: &[&str]| {
+        let mut cmd = Command::new(&kcat);
+        cmd.args(["-b", &bootstrap, "-m", "5", "-X"])
+            .arg(format!("security.protocol={protocol}"))
+            .args([
+                "-X",
+                &ca,
+                "-X",
+                "sasl.mechanisms=PLAIN",
+                "-X",
+                "sasl.username=anyone",
+            ])
+            .arg("-X")
+            .arg(format!("sasl.password={password}"))
+            .args(rest)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let input: String = (0..100).map(|i| format!("secret line {i}\n")).collect();
+    let mut producer = kcat_with("SASL_SSL", "s3cret", &["-t", "private", "-P"])
+        .spawn()
+        .unwrap();
+    producer
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = producer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kcat -P over SASL_SSL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = run(&mut kcat_with(
+        "SASL_SSL",
+        "s3cret",
+        &["-t", "private", "-C", "-e", "-q"],
+    ));
+    assert_eq!(back, input, "read back over TLS with the token");
+
+    // Another password: authentication fails, no metadata.
+    let wrong = kcat_with("SASL_SSL", "guess", &["-L", "-t", "private"])
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success(),
+        "a wrong password must not be served: {}",
+        String::from_utf8_lossy(&wrong.stdout)
+    );
+    // Plain TCP to the TLS listener: not served either.
+    let plain = kcat_with("SASL_PLAINTEXT", "s3cret", &["-L", "-t", "private"])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plain TCP must not be served: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+}
+
 /// A proxy that passes bytes both ways but, every `cut_every`-th produce
 /// response, cuts the connection instead of passing it on: the broker
 /// stored the batch, the producer never hears so and sends it again.
@@ -422,4 +529,68 @@ async fn malformed_requests_close_only_their_connection() {
     s.read_exact(&mut body).await.unwrap();
     assert_eq!(&body[4..6], &35i16.to_be_bytes());
     ask(&mut good, 8).await;
+}
+
+/// A request frame (header v1: key, version, correlation, client id "t").
+fn request_frame(key: i16, version: i16, correlation: i32, body: &[u8]) -> Vec<u8> {
+    let mut frame = api_versions(version, correlation);
+    frame[4..6].copy_from_slice(&key.to_be_bytes());
+    frame.extend_from_slice(body);
+    let len = (frame.len() - 4) as i32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
+/// Reads one size-prefixed answer, or `None` once the broker closed.
+async fn answer(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut size = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut size))
+        .await
+        .expect("an answer or a close within 10 s")
+        .ok()?;
+    let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+    s.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// SaslHandshake v0 (clients before KIP-152): the token follows as a bare
+/// size-prefixed frame, answered by an empty one, or the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_handshake_v0_takes_the_bare_token_and_closes_on_a_wrong_one() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(
+        data.path(),
+        &["--kafka-listen", "127.0.0.1:0", "--auth-token", "s3cret"],
+    );
+    let kafka = broker.kafka.unwrap();
+    let plain = [&5i16.to_be_bytes()[..], b"PLAIN"].concat();
+    let metadata_v0 = request_frame(3, 0, 9, &0i32.to_be_bytes());
+    let token = |password: &str| {
+        let token = format!("\0user\0{password}").into_bytes();
+        [&(token.len() as i32).to_be_bytes()[..], &token].concat()
+    };
+
+    // Before authentication only ApiVersions and the SASL pair are served.
+    let mut s = TcpStream::connect(kafka).await.unwrap();
+    ask(&mut s, 1).await;
+    s.write_all(&metadata_v0).await.unwrap();
+    assert_eq!(answer(&mut s).await, None, "metadata before SASL closes");
+
+    for (password, served) in [("s3cret", true), ("guess", false)] {
+        let mut s = TcpStream::connect(kafka).await.unwrap();
+        s.write_all(&request_frame(17, 0, 2, &plain)).await.unwrap();
+        let handshake = answer(&mut s).await.expect("a handshake answer");
+        assert_eq!(&handshake[..4], &2i32.to_be_bytes());
+        assert_eq!(&handshake[4..6], &[0, 0], "PLAIN accepted");
+        s.write_all(&token(password)).await.unwrap();
+        let reply = answer(&mut s).await;
+        if served {
+            assert_eq!(reply, Some(Vec::new()), "an empty answer: authenticated");
+            s.write_all(&metadata_v0).await.unwrap();
+            let metadata = answer(&mut s).await.expect("metadata once authenticated");
+            assert_eq!(&metadata[..4], &9i32.to_be_bytes());
+        } else {
+            assert_eq!(reply, None, "a wrong password closes the connection");
+        }
+    }
 }

@@ -48,10 +48,16 @@ pub(super) async fn connection<R, W>(
     let (tx, rx) = mpsc::channel::<Pending>(IN_FLIGHT_MAX);
     let writer = tokio::spawn(write_responses(wr, rx));
     let max = shared.broker.config().frame_bytes_max;
-    let mut authenticated = shared.broker.config().auth_token.is_none();
+    let mut auth = Auth {
+        authenticated: shared.broker.config().auth_token.is_none(),
+        raw_token_next: false,
+    };
     loop {
+        // After a SaslHandshake v0, the next frame is the bare SASL/PLAIN
+        // token, no request header (Kafka's pre-KIP-152 flow).
+        let min = if auth.raw_token_next { 0 } else { 4 };
         let frame = tokio::select! {
-            f = read_frame(&mut rd, max as usize) => f,
+            f = read_frame(&mut rd, min, max as usize) => f,
             _ = stop.changed() => break,
         };
         let frame = match frame {
@@ -62,7 +68,22 @@ pub(super) async fn connection<R, W>(
                 break;
             }
         };
-        match request(&shared, &mut authenticated, frame) {
+        if std::mem::take(&mut auth.raw_token_next) {
+            let token = shared.broker.config().auth_token.as_deref();
+            if !token.is_some_and(|token| plain_password_is(&frame, token)) {
+                // The v0 flow has no error answer: the connection closes.
+                tracing::debug!(%peer, "Kafka connection: SASL/PLAIN (v0) failed; closing");
+                break;
+            }
+            auth.authenticated = true;
+            // Success is an empty, size-prefixed answer.
+            let answer = tokio::spawn(async { Ok(Bytes::from_static(&[0, 0, 0, 0])) });
+            if tx.send(answer).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        match request(&shared, &mut auth, frame) {
             Ok(Step::Answer(pending)) => {
                 if tx.send(pending).await.is_err() {
                     break;
@@ -83,6 +104,13 @@ pub(super) async fn connection<R, W>(
     let _ = writer.await;
 }
 
+/// Where a connection is in SASL authentication.
+struct Auth {
+    authenticated: bool,
+    /// A SaslHandshake v0 chose PLAIN: the next frame is the bare token.
+    raw_token_next: bool,
+}
+
 /// What a request asks of the connection.
 enum Step {
     Answer(Pending),
@@ -95,6 +123,7 @@ enum Step {
 /// Reads one frame; `None` at a clean end of the stream.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
+    min: usize,
     max: usize,
 ) -> Result<Option<Bytes>, KafkaError> {
     let mut size = [0u8; 4];
@@ -104,14 +133,22 @@ async fn read_frame<R: AsyncRead + Unpin>(
         Err(e) => return Err(e.into()),
     }
     let len = i32::from_be_bytes(size);
-    if len < 4 || len as usize > max {
+    if len < min as i32 || len as usize > max {
         return Err(KafkaError::FrameTooLarge {
             len: i64::from(len),
             max,
         });
     }
-    let mut frame = BytesMut::zeroed(len as usize);
-    rd.read_exact(&mut frame).await?;
+    // Read into spare capacity (no zeroing of up to a frame's bytes), and
+    // no further than this frame.
+    let len = len as usize;
+    let mut frame = BytesMut::with_capacity(len);
+    let mut body = AsyncReadExt::take(&mut *rd, len as u64);
+    while frame.len() < len {
+        if body.read_buf(&mut frame).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
     Ok(Some(frame.freeze()))
 }
 
@@ -208,11 +245,7 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, KafkaError> {
 }
 
 /// Decodes one request and starts handling it.
-fn request(
-    shared: &Arc<Shared>,
-    authenticated: &mut bool,
-    frame: Bytes,
-) -> Result<Step, KafkaError> {
+fn request(shared: &Arc<Shared>, auth: &mut Auth, frame: Bytes) -> Result<Step, KafkaError> {
     let Decoded {
         api,
         version,
@@ -230,7 +263,7 @@ fn request(
         api,
         ApiKey::ApiVersions | ApiKey::SaslHandshake | ApiKey::SaslAuthenticate
     );
-    if !*authenticated && !sasl {
+    if !auth.authenticated && !sasl {
         return Err(KafkaError::Unauthenticated { api });
     }
     let ready = |response: ResponseKind| -> Result<Step, KafkaError> {
@@ -255,6 +288,8 @@ fn request(
             }
             if !(offered && plain) {
                 response.error_code = ResponseError::UnsupportedSaslMechanism.code();
+            } else if version == 0 {
+                auth.raw_token_next = true;
             }
             ready(ResponseKind::SaslHandshake(response))
         }
@@ -267,7 +302,7 @@ fn request(
                 .is_some_and(|token| plain_password_is(&req.auth_bytes, token));
             let mut response = SaslAuthenticateResponse::default();
             if ok {
-                *authenticated = true;
+                auth.authenticated = true;
                 return ready(ResponseKind::SaslAuthenticate(response));
             }
             response.error_code = ResponseError::SaslAuthenticationFailed.code();

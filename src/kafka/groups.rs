@@ -495,7 +495,10 @@ pub(super) async fn commit(
             Some(g) if g.generation != req.generation_id_or_member_epoch => {
                 Some(ResponseError::IllegalGeneration)
             }
-            Some(g) if g.state == State::Preparing => Some(ResponseError::RebalanceInProgress),
+            // As Kafka's coordinator: a member of the current generation
+            // may commit while the group prepares a rebalance (what it
+            // consumed before it rejoins), not between join and sync.
+            Some(g) if g.state == State::Completing => Some(ResponseError::RebalanceInProgress),
             Some(_) => None,
         }
     } else {

@@ -344,16 +344,19 @@ fn produce_partition(
             }
         }
     }
-    let messages: Vec<Message<'_>> = batches
-        .iter()
-        .flat_map(|b| &b.records)
-        .map(|r| Message {
-            id: r.id,
-            key: r.key.as_deref(),
-            headers: &r.headers,
-            payload: &r.payload,
-        })
-        .collect();
+    let mut messages: Vec<Message<'_>> =
+        Vec::with_capacity(batches.iter().map(|b| b.records.len()).sum());
+    messages.extend(
+        batches
+            .iter()
+            .flat_map(|b| b.records.iter().map(move |r| (b, r)))
+            .map(|(b, r)| Message {
+                id: r.id,
+                key: r.key.as_deref(),
+                headers: b.headers(r),
+                payload: &r.payload,
+            }),
+    );
     let ack = shared.broker.produce(&body::ProduceRequest {
         topic: &topic.name,
         partition: partition.index,
@@ -452,8 +455,8 @@ fn fetch_partition(
         }
     }
     if !records.is_empty() {
-        let mut out = BytesMut::with_capacity(bytes + 64 * records.len().min(1024));
-        match encode_batch(&records, &mut out) {
+        let mut out = BytesMut::with_capacity(bytes + 64 + 16 * records.len());
+        match encode_batch(records, &mut out) {
             Ok(()) => data.records = Some(out.freeze()),
             Err(e) => {
                 tracing::warn!(error = %e, "Kafka fetch: encoding a batch failed");
@@ -464,6 +467,13 @@ fn fetch_partition(
     let sent = data.records.as_ref().map_or(0, Bytes::len);
     (data, sent)
 }
+
+/// The most record bytes one fetch answers, whatever it asks for (Kafka's
+/// broker setting `fetch.max.bytes` is 55 MiB): with at most 64 requests in
+/// flight per connection, a connection holds at most 512 MiB of answers.
+/// Past the first batch (always sent, as Kafka does) an answer stops at
+/// this bound and the client fetches again.
+pub const FETCH_RESPONSE_BYTES_MAX: usize = 8 << 20;
 
 /// A fetch's topic: its name, the topic if it exists, and per partition
 /// (index, fetch offset, max bytes).
@@ -476,7 +486,9 @@ pub(super) async fn fetch(
     req: FetchRequest,
 ) -> Result<ResponseKind, KafkaError> {
     let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.max(0) as u64);
-    let budget = usize::try_from(req.max_bytes).unwrap_or(0).max(1);
+    let budget = usize::try_from(req.max_bytes)
+        .unwrap_or(0)
+        .clamp(1, FETCH_RESPONSE_BYTES_MAX);
     loop {
         let topics: Vec<FetchTopic> = req
             .topics

@@ -35,7 +35,7 @@ use kafka_protocol::records::{
 };
 
 use super::KafkaError;
-use crate::log::record::{encode_headers, HeaderIter, InnerMsgId};
+use crate::log::record::{encode_headers_into, HeaderIter, InnerMsgId};
 use crate::log::Record as StoredRecord;
 
 /// The header a Kafka record's timestamp travels in.
@@ -56,6 +56,16 @@ pub struct Batch {
     pub producer_epoch: i16,
     pub base_sequence: i32,
     pub records: Vec<Incoming>,
+    /// Every record's header block, one after the other (one allocation
+    /// for the batch, not one per record): see [`Batch::headers`].
+    headers: Vec<u8>,
+}
+
+impl Batch {
+    /// The header block of `record`, one of this batch's.
+    pub fn headers(&self, record: &Incoming) -> &[u8] {
+        self.headers.get(record.headers.clone()).unwrap_or_default()
+    }
 }
 
 /// One Kafka record as bida stores it: the owned parts a `Message`
@@ -64,7 +74,8 @@ pub struct Batch {
 pub struct Incoming {
     pub id: InnerMsgId,
     pub key: Option<Bytes>,
-    pub headers: Vec<u8>,
+    /// Where its header block is in its batch's.
+    headers: std::ops::Range<usize>,
     pub payload: Bytes,
 }
 
@@ -118,44 +129,63 @@ pub fn decode_batches(mut bytes: Bytes) -> Result<Vec<Batch>, KafkaError> {
             Some(|data: &mut Bytes, c: Compression| decompress(data, c)),
         )
         .map_err(|e| KafkaError::records(e.into()))?;
+        // The header blocks first (they borrow the records), then keys
+        // and values moved out of the records, not cloned.
+        let mut headers = Vec::with_capacity(set.records.len() * 32);
+        let mut spans = Vec::with_capacity(set.records.len());
+        for r in &set.records {
+            let mut text = [0u8; 24];
+            let timestamp = decimal(r.timestamp, &mut text);
+            let start = headers.len();
+            encode_headers_into(
+                std::iter::once((TIMESTAMP_HEADER.as_bytes(), timestamp)).chain(
+                    r.headers.iter().map(|(name, value)| {
+                        (name.as_bytes(), value.as_deref().unwrap_or_default())
+                    }),
+                ),
+                &mut headers,
+            )
+            .map_err(|e| KafkaError::records(e.into()))?;
+            spans.push(start..headers.len());
+        }
         let records = set
             .records
             .into_iter()
-            .map(|r| incoming(&r, info.producer_id, info.producer_epoch))
-            .collect::<Result<Vec<_>, _>>()?;
+            .zip(spans)
+            .map(|(r, headers)| Incoming {
+                id: if info.producer_id >= 0 {
+                    idempotent_id(info.producer_id, info.producer_epoch, r.sequence)
+                } else {
+                    InnerMsgId(0)
+                },
+                key: r.key,
+                headers,
+                payload: r.value.unwrap_or_default(),
+            })
+            .collect();
         batches.push(Batch {
             producer_id: info.producer_id,
             producer_epoch: info.producer_epoch,
             base_sequence: info.base_sequence,
             records,
+            headers,
         });
     }
     Ok(batches)
 }
 
-fn incoming(r: &Record, producer_id: i64, epoch: i16) -> Result<Incoming, KafkaError> {
-    let id = if producer_id >= 0 {
-        idempotent_id(producer_id, epoch, r.sequence)
-    } else {
-        InnerMsgId(0)
-    };
-    let timestamp = r.timestamp.to_string();
-    let mut pairs: Vec<(&[u8], &[u8])> = Vec::with_capacity(r.headers.len() + 1);
-    pairs.push((TIMESTAMP_HEADER.as_bytes(), timestamp.as_bytes()));
-    for (name, value) in &r.headers {
-        pairs.push((name.as_bytes(), value.as_deref().unwrap_or_default()));
-    }
-    let headers = encode_headers(&pairs).map_err(|e| KafkaError::records(e.into()))?;
-    Ok(Incoming {
-        id,
-        key: r.key.clone(),
-        headers,
-        payload: r.value.clone().unwrap_or_default(),
-    })
+/// `n` in decimal, written into `buf` without allocating.
+fn decimal(n: i64, buf: &mut [u8; 24]) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 20 bytes hold every i64; the write cannot fail.
+    let _ = write!(cursor, "{n}");
+    let len = cursor.position() as usize;
+    &buf[..len]
 }
 
-/// Decompresses one batch's records into at most `DECOMPRESSED_BYTES_MAX`
-/// bytes.
+/// Decompresses a batch's records with the codecs the crate leaves to its
+/// caller, bounded: a small batch cannot expand without limit.
 fn decompress(data: &mut Bytes, compression: Compression) -> anyhow::Result<Bytes> {
     let input = data.copy_to_bytes(data.remaining());
     let limit = DECOMPRESSED_BYTES_MAX as u64;
@@ -224,8 +254,22 @@ fn snappy(input: &[u8], limit: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Encodes stored records as one uncompressed v2 batch (for a fetch).
-pub fn encode_batch(records: &[StoredRecord], out: &mut BytesMut) -> Result<(), KafkaError> {
-    let records: Vec<Record> = records.iter().map(outgoing).collect();
+pub fn encode_batch(records: Vec<StoredRecord>, out: &mut BytesMut) -> Result<(), KafkaError> {
+    let first = records.first().map_or(0, |r| r.offset);
+    let records: Vec<Record> = records
+        .into_iter()
+        .map(|r| {
+            // The codec starts a new batch wherever `offset - sequence`
+            // changes: the sequence follows the offset from the batch's
+            // base sequence of -1 (no producer), so the records share one
+            // batch (one header, one CRC32C), not one batch each.
+            let sequence = NO_SEQUENCE.wrapping_add(r.offset.wrapping_sub(first) as i32);
+            Record {
+                sequence,
+                ..outgoing(r)
+            }
+        })
+        .collect();
     RecordBatchEncoder::encode(
         out,
         records.iter(),
@@ -237,7 +281,9 @@ pub fn encode_batch(records: &[StoredRecord], out: &mut BytesMut) -> Result<(), 
     .map_err(|e| KafkaError::records(e.into()))
 }
 
-fn outgoing(r: &StoredRecord) -> Record {
+/// Keys and payloads are moved, not cloned: each clone of a mapped
+/// record's bytes is an atomic count on the segment's map.
+fn outgoing(r: StoredRecord) -> Record {
     let mut timestamp = r.timestamp_ms as i64;
     let mut headers = indexmap::IndexMap::new();
     for (name, value) in HeaderIter::new(&r.headers).flatten() {
@@ -264,8 +310,8 @@ fn outgoing(r: &StoredRecord) -> Record {
         offset: r.offset as i64,
         sequence: NO_SEQUENCE,
         timestamp,
-        key: r.key.clone(),
-        value: Some(r.payload.clone()),
+        key: r.key,
+        value: Some(r.payload),
         headers,
     }
 }
@@ -273,6 +319,45 @@ fn outgoing(r: &StoredRecord) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fetch_answers_one_batch_for_many_records_and_decodes_back() {
+        let stored: Vec<StoredRecord> = (40..43u64)
+            .map(|offset| StoredRecord {
+                offset,
+                timestamp_ms: 1_700_000_000_000 + offset,
+                id: InnerMsgId(0),
+                key: Some(Bytes::from(format!("k{offset}"))),
+                headers: Bytes::new(),
+                payload: Bytes::from(format!("v{offset}")),
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        encode_batch(stored, &mut out).unwrap();
+        let mut bytes = out.freeze();
+        let infos = RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
+        assert_eq!(infos.len(), 1, "one batch, not one per record");
+        assert_eq!(infos[0].record_count, 3);
+        assert_eq!(infos[0].min_offset, 40);
+        assert_eq!(infos[0].base_sequence, NO_SEQUENCE);
+        let set = RecordBatchDecoder::decode(&mut bytes).unwrap();
+        let got: Vec<(i64, Option<Bytes>, Option<Bytes>, i64)> = set
+            .records
+            .into_iter()
+            .map(|r| (r.offset, r.key, r.value, r.timestamp))
+            .collect();
+        assert_eq!(
+            got,
+            (40..43i64)
+                .map(|o| (
+                    o,
+                    Some(Bytes::from(format!("k{o}"))),
+                    Some(Bytes::from(format!("v{o}"))),
+                    1_700_000_000_000 + o
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn idempotent_ids_round_trip_and_are_not_random_ids() {

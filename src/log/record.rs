@@ -395,31 +395,51 @@ pub fn encode_headers(pairs: &[(&[u8], &[u8])]) -> Result<Vec<u8>, RecordError> 
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
-    if pairs.len() > HEADER_COUNT_MAX {
-        return Err(RecordError::Headers {
-            reason: "more than HEADER_COUNT_MAX headers",
-        });
-    }
-    let mut out = Vec::new();
-    out.extend_from_slice(&(pairs.len() as u16).to_le_bytes());
+    let size: usize = pairs.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(2 + size);
+    encode_headers_into(pairs.iter().copied(), &mut out)?;
+    Ok(out)
+}
+
+/// Appends the header block of `pairs` to `out` (nothing for no pairs):
+/// the same bytes as [`encode_headers`], for callers that keep the blocks
+/// of many records in one buffer. On an error `out` is left as it was.
+pub fn encode_headers_into<'a>(
+    pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
+    let start = out.len();
+    let fail = |out: &mut Vec<u8>, reason| {
+        out.truncate(start);
+        Err(RecordError::Headers { reason })
+    };
+    out.extend_from_slice(&[0, 0]); // the count, written at the end
+    let mut count = 0usize;
     for (name, value) in pairs {
-        let name_len = u16::try_from(name.len()).map_err(|_| RecordError::Headers {
-            reason: "header name longer than 65535 bytes",
-        })?;
-        let value_len = u32::try_from(value.len()).map_err(|_| RecordError::Headers {
-            reason: "header value too long",
-        })?;
+        let Ok(name_len) = u16::try_from(name.len()) else {
+            return fail(out, "header name longer than 65535 bytes");
+        };
+        let Ok(value_len) = u32::try_from(value.len()) else {
+            return fail(out, "header value too long");
+        };
+        count += 1;
         out.extend_from_slice(&name_len.to_le_bytes());
         out.extend_from_slice(name);
         out.extend_from_slice(&value_len.to_le_bytes());
         out.extend_from_slice(value);
     }
-    if out.len() > HEADERS_BYTES_MAX {
-        return Err(RecordError::Headers {
-            reason: "header block larger than HEADERS_BYTES_MAX",
-        });
+    if count == 0 {
+        out.truncate(start);
+        return Ok(());
     }
-    Ok(out)
+    if count > HEADER_COUNT_MAX {
+        return fail(out, "more than HEADER_COUNT_MAX headers");
+    }
+    if out.len() - start > HEADERS_BYTES_MAX {
+        return fail(out, "header block larger than HEADERS_BYTES_MAX");
+    }
+    out[start..start + 2].copy_from_slice(&(count as u16).to_le_bytes());
+    Ok(())
 }
 
 /// Checks that `block` is a well-formed header block.
@@ -544,6 +564,27 @@ fn get_u128(buf: &[u8], at: usize) -> u128 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn header_blocks_appended_to_a_buffer_are_the_blocks_encoded_alone() {
+        let pairs: [(&[u8], &[u8]); 2] = [(b"a", b"1"), (b"name", b"")];
+        let mut out = b"before".to_vec();
+        encode_headers_into(pairs.iter().copied(), &mut out).unwrap();
+        assert_eq!(&out[..6], b"before");
+        assert_eq!(out[6..], encode_headers(&pairs).unwrap()[..]);
+        check_headers(&out[6..]).unwrap();
+        // No pairs: no block at all.
+        encode_headers_into(std::iter::empty(), &mut out).unwrap();
+        assert_eq!(out.len(), 6 + encode_headers(&pairs).unwrap().len());
+        // Too many: an error, and the buffer as it was.
+        let len = out.len();
+        let many = vec![(&b"k"[..], &b""[..]); HEADER_COUNT_MAX + 1];
+        assert!(matches!(
+            encode_headers_into(many.into_iter(), &mut out),
+            Err(RecordError::Headers { .. })
+        ));
+        assert_eq!(out.len(), len);
+    }
 
     fn sample<'a>(key: Option<&'a [u8]>, headers: &'a [u8], payload: &'a [u8]) -> Message<'a> {
         Message {

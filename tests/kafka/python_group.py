@@ -14,6 +14,7 @@ import time
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import CommitFailedError
 
 
 def produce(bootstrap, topic, count):
@@ -57,7 +58,12 @@ def consume(bootstrap, topic, group, count):
                     with lock:
                         seen.add(r.value)
             if batch:
-                c.commit()
+                try:
+                    c.commit()
+                except CommitFailedError:
+                    # A rebalance between join and sync: the next poll
+                    # rejoins, and these records come again (seen is a set).
+                    pass
             if a.assignment() and b.assignment():
                 assigned_both.set()
 
