@@ -21,7 +21,7 @@ use bida::client::txn::{Decision, TransactionalProducer};
 use bida::client::{Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions};
 use bida::server;
 
-use super::FlushArg;
+use super::{kafka_load, FlushArg};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -92,6 +92,13 @@ pub struct Args {
     /// committed; --inflight transactions at a time per producer.
     #[arg(long)]
     txn: Option<usize>,
+    /// Produce through the broker's Kafka listener at this address instead
+    /// of bida's protocol: the same batches, window and payloads (one
+    /// record batch of --batch records per Produce request, --inflight
+    /// requests pipelined per producer), to compare the two doors of one
+    /// broker. The topic is still created over --broker.
+    #[arg(long, requires = "broker", conflicts_with_all = ["keys", "txn", "rate"])]
+    kafka: Option<SocketAddr>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -167,6 +174,9 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     if args.producers == 0 && (args.topic.is_none() || args.consumers == 0) {
         return Err("--producers 0 consumes a backlog: it needs --topic and --consumers".into());
+    }
+    if args.kafka.is_some() && args.consumers > 0 {
+        return Err("--kafka produces only: add --consumers 0".into());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -405,7 +415,34 @@ async fn bench(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         )));
     }
     for p in 0..args.producers {
-        if args.txn.is_some() {
+        let Some(kafka) = args.kafka else { break };
+        let load = kafka_load::Load {
+            addr: kafka,
+            topic: topic.clone(),
+            partitions: args.partitions,
+            index: p,
+            count: args.count,
+            size: args.size,
+            batch: args.batch,
+            inflight: args.inflight,
+            deadline,
+        };
+        let report = kafka_load::Report {
+            produced: produced.clone(),
+            failed: failed.clone(),
+            ack_hist: ack_hist.clone(),
+            progress: progress.clone(),
+        };
+        let failed = failed.clone();
+        producers.push(tokio::spawn(async move {
+            if let Err(e) = kafka_load::produce(load, report).await {
+                failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("bida bench: Kafka producer failed: {e}");
+            }
+        }));
+    }
+    for p in 0..args.producers {
+        if args.txn.is_some() || args.kafka.is_some() {
             break;
         }
         let client = super::connect(addr).await?;

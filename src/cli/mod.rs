@@ -5,6 +5,7 @@ mod attack;
 mod bench;
 mod consume;
 mod inspect;
+mod kafka_load;
 mod produce;
 mod read;
 mod repair;
