@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,32 +17,7 @@ use bida::client::{Client, Consumer, ConsumerOptions, OutgoingMessage, Producer,
 use bida::protocol::ErrorCode;
 
 use support::broker::BrokerProcess;
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn mount_tmpfs(at: &Path) -> Option<Mount> {
-    std::fs::create_dir_all(at).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(at)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("BIDA_REQUIRE_MOUNT").as_deref() != Ok("1"),
-            "BIDA_REQUIRE_MOUNT=1 but mounting a tmpfs failed (needs root)"
-        );
-        eprintln!("SKIPPED: the disk-full test needs to mount a tmpfs (root)");
-        return None;
-    }
-    Some(Mount(at.to_path_buf()))
-}
+use support::mount::mount_tmpfs;
 
 /// Message `i`: its number, then filler derived from it.
 fn message(i: u64) -> Vec<u8> {
@@ -56,7 +30,7 @@ fn message(i: u64) -> Vec<u8> {
 async fn a_full_disk_refuses_writes_clearly_keeps_reads_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
-    let Some(mount) = mount_tmpfs(&mnt) else {
+    let Some(mount) = mount_tmpfs(&mnt, "size=64m", "the disk-full test") else {
         return;
     };
     let data = mnt.join("data");
@@ -173,21 +147,13 @@ async fn a_full_disk_refuses_writes_clearly_keeps_reads_and_recovers() {
 async fn a_topic_the_disk_has_no_room_for_is_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m,nr_inodes=2000", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("BIDA_REQUIRE_MOUNT").as_deref() != Ok("1"),
-            "BIDA_REQUIRE_MOUNT=1 but mounting a tmpfs failed (needs root)"
-        );
-        eprintln!("SKIPPED: the topic-creation disk-full test needs to mount a tmpfs (root)");
+    let Some(_mount) = mount_tmpfs(
+        &mnt,
+        "size=64m,nr_inodes=2000",
+        "the topic-creation disk-full test",
+    ) else {
         return;
-    }
-    let _mount = Mount(mnt.clone());
+    };
     let data = mnt.join("data");
     let broker = BrokerProcess::start(&data, &[]);
     let client = Client::connect(broker.addr).await.unwrap();

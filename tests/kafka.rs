@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use support::broker::BrokerProcess;
+use support::certs::make_certificates;
 
 fn required() -> bool {
     std::env::var("BIDA_REQUIRE_KAFKA_CLIENTS").as_deref() == Ok("1")
@@ -251,32 +252,12 @@ async fn kafka_python_group_rebalances_and_commits_survive_a_restart() {
     ]));
 }
 
-/// A CA (its PEM written to `dir/ca.pem`) and a certificate for 127.0.0.1
-/// signed by it (`dir/cert.pem`, `dir/key.pem`), as tests/tls.rs makes.
-fn make_certificates(dir: &std::path::Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "bida kafka test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcat_is_served_over_tls_with_the_token_as_its_sasl_password_and_no_one_else() {
     let Some(kcat) = kcat() else { return };
     let data = tempfile::tempdir().unwrap();
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    make_certificates(certs.path(), "bida kafka test CA");
     let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
     let broker = BrokerProcess::start(
         data.path(),

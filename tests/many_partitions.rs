@@ -16,43 +16,17 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bida::client::{Client, Consumer, ConsumerOptions, Producer, ProducerOptions};
 use bida::protocol::body::TopicConfig;
 use support::broker::{status_bytes, BrokerProcess};
+use support::mount::mount_tmpfs;
 
 const PARTITIONS: u32 = 10_000;
 const OPEN_FILES_MAX: usize = 512;
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn mount_tmpfs(at: &Path) -> Option<Mount> {
-    std::fs::create_dir_all(at).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2g", "tmpfs"])
-        .arg(at)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("BIDA_REQUIRE_MOUNT").as_deref() != Ok("1"),
-            "BIDA_REQUIRE_MOUNT=1 but mounting a tmpfs failed (needs root)"
-        );
-        eprintln!("SKIPPED: the 10,000-partition test needs to mount a tmpfs (root)");
-        return None;
-    }
-    Some(Mount(at.to_path_buf()))
-}
 
 fn threads(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -119,7 +93,7 @@ async fn read_every_partition(client: &Arc<Client>, group: &str) {
 async fn ten_thousand_partitions_on_one_broker() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
-    let Some(_mount) = mount_tmpfs(&mnt) else {
+    let Some(_mount) = mount_tmpfs(&mnt, "size=2g", "the 10,000-partition test") else {
         return;
     };
     let data = mnt.join("data");

@@ -15,30 +15,10 @@ use bida::client::{
     Client, ConnectOptions, Consumer, ConsumerOptions, OutgoingMessage, Producer, ProducerOptions,
 };
 use bida::tls::ClientTls;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::broker::BrokerProcess;
-
-/// A CA (its certificate PEM) and a broker certificate for `localhost`
-/// and 127.0.0.1 signed by it, written as `cert.pem` and `key.pem` in
-/// `dir`.
-fn make_certificates(dir: &Path, ca_name: &str) -> String {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, ca_name);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    ca.pem()
-}
+use support::certs::make_certificates;
 
 fn tls_broker(data: &Path, certs: &Path) -> BrokerProcess {
     let cert = certs.join("cert.pem");

@@ -120,3 +120,5 @@ pub fn flip_bit(path: &Path, at: u64, bit: u8) {
 
 pub mod admin;
 pub mod broker;
+pub mod certs;
+pub mod mount;
