@@ -481,7 +481,7 @@ async fn malformed_requests_close_only_their_connection() {
     garbage_metadata[3] = (garbage_metadata.len() - 4) as u8;
     for (what, bytes) in [
         ("an unknown API key", unknown_key),
-        ("Produce v1 (announced, not served)", produce_v1),
+        ("a Produce v1 without its body", produce_v1),
         ("a frame of 2 GiB", huge),
         ("a negative size", negative),
         ("a Metadata request of garbage", garbage_metadata),
@@ -510,6 +510,33 @@ async fn malformed_requests_close_only_their_connection() {
     s.read_exact(&mut body).await.unwrap();
     assert_eq!(&body[4..6], &35i16.to_be_bytes());
     ask(&mut good, 8).await;
+    // Produce v0-2 (announced from 0 for old librdkafka, message format
+    // v0/v1 not stored): every partition answered UNSUPPORTED_VERSION (35).
+    let mut v1 = Vec::new();
+    v1.extend_from_slice(&1i16.to_be_bytes()); // acks
+    v1.extend_from_slice(&1000i32.to_be_bytes()); // timeout
+    v1.extend_from_slice(&1i32.to_be_bytes()); // one topic
+    v1.extend_from_slice(&1i16.to_be_bytes());
+    v1.push(b't');
+    v1.extend_from_slice(&1i32.to_be_bytes()); // one partition
+    v1.extend_from_slice(&0i32.to_be_bytes()); // partition 0
+    v1.extend_from_slice(&0i32.to_be_bytes()); // an empty message set
+    for (version, len) in [(0i16, 29usize), (1, 33), (2, 41)] {
+        let mut s = TcpStream::connect(kafka).await.unwrap();
+        s.write_all(&request_frame(0, version, 10, &v1))
+            .await
+            .unwrap();
+        let body = answer(&mut s).await.expect("an answer to Produce v0-2");
+        // correlation, 1 topic, "t", 1 partition, index 0, error code,
+        // offset -1, [v2: append time], [v1+: throttle]
+        assert_eq!(body.len(), len, "Produce v{version} answer");
+        assert_eq!(&body[..4], &10i32.to_be_bytes());
+        assert_eq!(&body[4..11], &[0, 0, 0, 1, 0, 1, b't']);
+        assert_eq!(&body[11..19], &[0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(&body[19..21], &35i16.to_be_bytes(), "UNSUPPORTED_VERSION");
+        assert_eq!(&body[21..29], &(-1i64).to_be_bytes());
+        ask(&mut s, 11).await;
+    }
 }
 
 /// A request frame (header v1: key, version, correlation, client id "t").

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::{
-    ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind, SaslAuthenticateResponse,
-    SaslHandshakeResponse,
+    ApiKey, ProduceRequest, RequestHeader, RequestKind, ResponseHeader, ResponseKind,
+    SaslAuthenticateResponse, SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::handlers;
-use super::{served_max, served_min, KafkaError, Shared};
+use super::{announced_min, served_max, KafkaError, Shared, PRODUCE_MIN_SERVED};
 
 /// Requests handled and not yet answered, per connection: past it the
 /// connection stops reading until the oldest is answered.
@@ -194,7 +194,7 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, KafkaError> {
     let key = i16::from_be_bytes([key[0], key[1]]);
     let version = i16::from_be_bytes([version[0], version[1]]);
     let api = ApiKey::try_from(key).map_err(|_| KafkaError::UnknownApiKey(key))?;
-    let (Some(min), Some(max)) = (served_min(api), served_max(api)) else {
+    let (Some(min), Some(max)) = (announced_min(api), served_max(api)) else {
         return Err(KafkaError::UnknownApiKey(key));
     };
     if api == ApiKey::ApiVersions && version > max {
@@ -230,12 +230,21 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, KafkaError> {
             max,
         });
     }
-    let request =
-        RequestKind::decode(api, &mut buf, version).map_err(|e| KafkaError::Malformed {
-            api,
-            version,
-            source: e.into(),
-        })?;
+    let request = if api == ApiKey::Produce && version < PRODUCE_MIN_SERVED {
+        // Produce v0-2 is v3 without its leading transactional id; the
+        // codec (generated from Kafka 4's schemas) decodes from v3 on.
+        let mut v3 = BytesMut::with_capacity(buf.len() + 2);
+        v3.put_i16(-1);
+        v3.extend_from_slice(&buf);
+        RequestKind::decode(api, &mut v3.freeze(), PRODUCE_MIN_SERVED)
+    } else {
+        RequestKind::decode(api, &mut buf, version)
+    }
+    .map_err(|e| KafkaError::Malformed {
+        api,
+        version,
+        source: e.into(),
+    })?;
     Ok(Decoded {
         api,
         version,
@@ -320,6 +329,19 @@ fn request(shared: &Arc<Shared>, auth: &mut Auth, frame: Bytes) -> Result<Step, 
         RequestKind::Metadata(req) => Ok(later(Box::pin(handlers::metadata(s, req, version)))),
         RequestKind::CreateTopics(req) => Ok(later(Box::pin(handlers::create_topics(s, req)))),
         RequestKind::DeleteTopics(req) => Ok(later(Box::pin(handlers::delete_topics(s, req)))),
+        RequestKind::Produce(req) if version < PRODUCE_MIN_SERVED => {
+            if req.acks == 0 {
+                // No answer is expected, so none can say why.
+                return Err(KafkaError::UnsupportedVersion {
+                    api,
+                    version,
+                    min: PRODUCE_MIN_SERVED,
+                    max: super::served_max(api).unwrap_or(PRODUCE_MIN_SERVED),
+                });
+            }
+            let frame = old_produce_refused(correlation, version, &req);
+            Ok(Step::Answer(tokio::spawn(async move { Ok(frame) })))
+        }
         RequestKind::Produce(req) => match handlers::produce(&s, req) {
             Some(work) => Ok(later(work)),
             None => Ok(Step::Silent),
@@ -365,6 +387,43 @@ fn plain_password_is(auth: &[u8], token: &str) -> bool {
             .zip(token.as_bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// The answer to a Produce v0-2 (message format v0/v1, not stored): every
+/// partition UNSUPPORTED_VERSION, offset -1. Written here because the codec
+/// has no Produce response below v3; the layout is Kafka's
+/// ProduceResponse v0-2:
+///
+/// ```text
+///  size i32 | correlation i32 | topics i32 { name i16+bytes | partitions i32
+///    { index i32 | error i16 | base_offset i64 | [v2: log_append_time i64] } }
+///  | [v1+: throttle_time_ms i32]
+/// ```
+fn old_produce_refused(correlation: i32, version: i16, req: &ProduceRequest) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_i32(0);
+    buf.put_i32(correlation);
+    buf.put_i32(req.topic_data.len() as i32);
+    for topic in &req.topic_data {
+        let name = topic.name.0.as_bytes();
+        buf.put_i16(name.len() as i16);
+        buf.put_slice(name);
+        buf.put_i32(topic.partition_data.len() as i32);
+        for p in &topic.partition_data {
+            buf.put_i32(p.index);
+            buf.put_i16(ResponseError::UnsupportedVersion.code());
+            buf.put_i64(-1);
+            if version >= 2 {
+                buf.put_i64(-1);
+            }
+        }
+    }
+    if version >= 1 {
+        buf.put_i32(0);
+    }
+    let len = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
 }
 
 /// A response frame: size, header, body.

@@ -45,8 +45,9 @@ use crate::tls::TlsAcceptor;
 
 /// Every API served, with the versions served: what ApiVersions answers.
 /// Produce is announced from version 0, although only 3 and later are
-/// served (older ones close the connection): librdkafka before 2.11 turns
-/// compression off when the announced minimum is above 0.
+/// served (older ones are answered UNSUPPORTED_VERSION per partition):
+/// librdkafka before 2.11 turns compression off when the announced minimum
+/// is above 0.
 pub const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 0, 9),
     (ApiKey::Fetch, 4, 12),
@@ -67,13 +68,19 @@ pub const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
-/// The lowest version of `api` this listener decodes (Produce: 3).
-pub fn served_min(api: ApiKey) -> Option<i16> {
+/// The lowest version of `api` announced and decoded. Produce versions
+/// below [`PRODUCE_MIN_SERVED`] are decoded only to be answered
+/// UNSUPPORTED_VERSION.
+pub fn announced_min(api: ApiKey) -> Option<i16> {
     VERSIONS
         .iter()
         .find(|(k, _, _)| *k == api)
-        .map(|&(k, min, _)| if k == ApiKey::Produce { 3 } else { min })
+        .map(|&(_, min, _)| min)
 }
+
+/// The lowest Produce version served: record batches v2 (message format
+/// v0/v1 is not stored).
+pub const PRODUCE_MIN_SERVED: i16 = 3;
 
 /// The highest version of `api` served.
 pub fn served_max(api: ApiKey) -> Option<i16> {
