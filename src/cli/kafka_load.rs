@@ -95,6 +95,10 @@ pub async fn produce(load: Load, report: Report) -> Result<(), KafkaLoadError> {
         } = report;
         tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            // A failed read ends the load: the window closes, so the
+            // sender stops instead of waiting for answers that will not
+            // come.
+            let closing = CloseOnDrop(Arc::clone(&window));
             while let Some((started, n)) = rx.recv().await {
                 let frame = read_frame(&mut rd).await?;
                 window.add_permits(1);
@@ -120,6 +124,7 @@ pub async fn produce(load: Load, report: Report) -> Result<(), KafkaLoadError> {
                     eprintln!("bida bench: a Kafka produce failed: error codes {errors:?}");
                 }
             }
+            drop(closing);
             ack_hist
                 .lock()
                 .expect("hist")
@@ -135,10 +140,9 @@ pub async fn produce(load: Load, report: Report) -> Result<(), KafkaLoadError> {
     }
     let (mut sent, mut n_batch, mut correlation) = (0u64, 0u64, 0i32);
     while sent < load.count && Instant::now() < load.deadline {
-        let permit = Arc::clone(&window)
-            .acquire_owned()
-            .await
-            .expect("semaphore");
+        let Ok(permit) = Arc::clone(&window).acquire_owned().await else {
+            break; // the answers ended early: their error is returned below
+        };
         permit.forget(); // given back when the answer is read
         let n = (load.count - sent).min(load.batch as u64);
         let now = std::time::SystemTime::now()
@@ -210,6 +214,15 @@ pub async fn produce(load: Load, report: Report) -> Result<(), KafkaLoadError> {
     drop(tx);
     answers.await.map_err(std::io::Error::other)??;
     Ok(())
+}
+
+/// Closes the window when the answers' task ends, however it ends.
+struct CloseOnDrop(Arc<Semaphore>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 async fn read_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<Bytes, KafkaLoadError> {
