@@ -94,6 +94,28 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `cmd` with `input` on its standard input; it must succeed.
+fn feed(cmd: &mut Command, input: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn kafka_broker(data: &std::path::Path) -> (BrokerProcess, SocketAddr) {
     let broker = BrokerProcess::start(data, &["--kafka-listen", "127.0.0.1:0"]);
     let kafka = broker.kafka.unwrap();
@@ -109,18 +131,10 @@ async fn kcat_produces_and_consumes_and_bida_reads_the_same_store() {
     let (broker, kafka) = kafka_broker(data.path());
     let bootstrap = kafka.to_string();
     let input: String = (0..LINES).map(|i| format!("key-{i}:line {i}\n")).collect();
-    let mut producer = Command::new(&kcat)
-        .args(["-b", &bootstrap, "-t", "lines", "-P", "-K:"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    producer
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    assert!(producer.wait().unwrap().success());
+    feed(
+        Command::new(&kcat).args(["-b", &bootstrap, "-t", "lines", "-P", "-K:"]),
+        &input,
+    );
 
     let back = run(Command::new(&kcat).args([
         "-b", &bootstrap, "-t", "lines", "-C", "-e", "-q", "-f", "%k:%s\n",
@@ -295,20 +309,9 @@ async fn kcat_is_served_over_tls_with_the_token_as_its_sasl_password_and_no_one_
         cmd
     };
     let input: String = (0..100).map(|i| format!("secret line {i}\n")).collect();
-    let mut producer = kcat_with("SASL_SSL", "s3cret", &["-t", "private", "-P"])
-        .spawn()
-        .unwrap();
-    producer
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = producer.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kcat -P over SASL_SSL: {}",
-        String::from_utf8_lossy(&out.stderr)
+    feed(
+        &mut kcat_with("SASL_SSL", "s3cret", &["-t", "private", "-P"]),
+        &input,
     );
     let back = run(&mut kcat_with(
         "SASL_SSL",

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bida::kafka::records as kafka_records;
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
@@ -18,10 +19,7 @@ use kafka_protocol::messages::{
     ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    NO_PARTITION_LEADER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
@@ -152,22 +150,15 @@ pub async fn produce(load: Load, report: Report) -> Result<(), KafkaLoadError> {
             .copy_from_slice(&(now.as_nanos() as u64).to_le_bytes()[..8.min(load.size)]);
         let value = Bytes::copy_from_slice(&payload);
         let records: Vec<Record> = (0..n)
-            .map(|i| Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-                producer_id: NO_PRODUCER_ID,
-                producer_epoch: NO_PRODUCER_EPOCH,
-                timestamp_type: TimestampType::Creation,
-                offset: i as i64,
-                // `offset - sequence` constant, or the codec makes a batch
-                // of each record; the batch's base sequence stays -1.
-                sequence: NO_SEQUENCE.wrapping_add(i as i32),
-                timestamp: now.as_millis() as i64,
-                key: None,
-                value: Some(value.clone()),
-                headers: Default::default(),
+            .map(|i| {
+                kafka_records::plain_record(
+                    i as i64,
+                    0,
+                    now.as_millis() as i64,
+                    None,
+                    value.clone(),
+                    Default::default(),
+                )
             })
             .collect();
         let mut batch = BytesMut::with_capacity(n as usize * (load.size + 16) + 64);

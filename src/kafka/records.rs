@@ -255,21 +255,8 @@ fn snappy(input: &[u8], limit: usize) -> anyhow::Result<Vec<u8>> {
 
 /// Encodes stored records as one uncompressed v2 batch (for a fetch).
 pub fn encode_batch(records: Vec<StoredRecord>, out: &mut BytesMut) -> Result<(), KafkaError> {
-    let first = records.first().map_or(0, |r| r.offset);
-    let records: Vec<Record> = records
-        .into_iter()
-        .map(|r| {
-            // The codec starts a new batch wherever `offset - sequence`
-            // changes: the sequence follows the offset from the batch's
-            // base sequence of -1 (no producer), so the records share one
-            // batch (one header, one CRC32C), not one batch each.
-            let sequence = NO_SEQUENCE.wrapping_add(r.offset.wrapping_sub(first) as i32);
-            Record {
-                sequence,
-                ..outgoing(r)
-            }
-        })
-        .collect();
+    let first = records.first().map_or(0, |r| r.offset as i64);
+    let records: Vec<Record> = records.into_iter().map(|r| outgoing(r, first)).collect();
     RecordBatchEncoder::encode(
         out,
         records.iter(),
@@ -281,9 +268,40 @@ pub fn encode_batch(records: Vec<StoredRecord>, out: &mut BytesMut) -> Result<()
     .map_err(|e| KafkaError::records(e.into()))
 }
 
+/// A record without a producer (no id, epoch or sequence), at `offset` in
+/// a batch whose first offset is `first`. The codec starts a new batch
+/// wherever `offset - sequence` changes, so the sequence follows the offset
+/// from the batch's base sequence of -1: the records share one batch (one
+/// header, one CRC32C), not one batch each.
+pub fn plain_record(
+    offset: i64,
+    first: i64,
+    timestamp: i64,
+    key: Option<Bytes>,
+    value: Bytes,
+    headers: indexmap::IndexMap<StrBytes, Option<Bytes>>,
+) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
+        producer_id: NO_PRODUCER_ID,
+        producer_epoch: NO_PRODUCER_EPOCH,
+        timestamp_type: TimestampType::Creation,
+        offset,
+        sequence: NO_SEQUENCE.wrapping_add(offset.wrapping_sub(first) as i32),
+        timestamp,
+        key,
+        value: Some(value),
+        headers,
+    }
+}
+
 /// Keys and payloads are moved, not cloned: each clone of a mapped
-/// record's bytes is an atomic count on the segment's map.
-fn outgoing(r: StoredRecord) -> Record {
+/// record's bytes is an atomic count on the segment's map. A batch of
+/// records from many producers names none of them.
+fn outgoing(r: StoredRecord, first: i64) -> Record {
     let mut timestamp = r.timestamp_ms as i64;
     let mut headers = indexmap::IndexMap::new();
     for (name, value) in HeaderIter::new(&r.headers).flatten() {
@@ -298,22 +316,7 @@ fn outgoing(r: StoredRecord) -> Record {
         };
         headers.insert(name, Some(Bytes::copy_from_slice(value)));
     }
-    Record {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
-        // A batch of records from many producers names none of them.
-        producer_id: NO_PRODUCER_ID,
-        producer_epoch: NO_PRODUCER_EPOCH,
-        timestamp_type: TimestampType::Creation,
-        offset: r.offset as i64,
-        sequence: NO_SEQUENCE,
-        timestamp,
-        key: r.key,
-        value: Some(r.payload),
-        headers,
-    }
+    plain_record(r.offset as i64, first, timestamp, r.key, r.payload, headers)
 }
 
 #[cfg(test)]
