@@ -198,8 +198,11 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
     // timeout stays at its 30 s default, far beyond the attack.
     let broker = BrokerProcess::start(dir.path(), &["--frame-memory-max", "16777216"]);
     let addr = broker.addr;
-    // 20 connections announce 16 MiB frames, send 8 MiB of each and stall.
-    // Without the shared budget the broker would hold 20 x 8 MiB of them.
+    // 20 connections announce 16 MiB frames, send 8 MiB of each and stall,
+    // for 20 s: the well-behaved client below takes about a second alone,
+    // and the window leaves room for a CI machine running other suites
+    // (8 s once did not). Without the shared budget the broker would hold
+    // 20 x 8 MiB of them.
     let before = rss_anon(broker.child.id());
     let sampler = RssSampler::start(broker.child.id());
     let huge = tokio::task::spawn_blocking(move || {
@@ -212,7 +215,7 @@ async fn stalled_huge_frames_cannot_hold_the_frame_memory_from_clients_that_send
                 "--send-bytes",
                 "8388608",
                 "--duration-s",
-                "8",
+                "20",
             ],
         )
     });
